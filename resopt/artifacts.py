@@ -1,0 +1,374 @@
+"""Artifact formats: the ``.pt`` checkpoint dict, lineage records, ONNX metadata, engine sidecars.
+
+Every artifact says what produced it. A lineage is a list of entries, oldest first; each command copies
+its parent's lineage and appends its own entry (command, options, parent sha256, library versions,
+metrics), so ``resopt info`` can print the whole chain from any file.
+
+Checkpoints are plain dicts of tensors and primitives so that ``torch.load(weights_only=True)`` reads
+them: a file that needs the unpickler to build Python objects is refused, never executed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from resopt import __version__
+from resopt.errors import InputFileError, UsageError
+
+CHECKPOINT_FORMAT = "resopt.checkpoint"
+CHECKPOINT_VERSION = 1
+META_PREFIX = "resopt."
+
+KIND_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yield a temporary path in ``path``'s folder; rename it onto ``path`` only if the block succeeds.
+
+    A failed or interrupted command therefore never leaves a truncated artifact behind.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_output(path) as tmp:
+        tmp.write_text(text)
+
+
+def check_output_path(output: Path, *inputs: Path, suffixes: tuple[str, ...] | None = None) -> Path:
+    """Refuse to overwrite an input and check the output's suffix; returns the output path."""
+    output = Path(output)
+    for inp in inputs:
+        if inp is not None and output.exists() and output.resolve() == Path(inp).resolve():
+            raise UsageError(f"output {output} is the same file as the input; choose another -o")
+    if suffixes and output.suffix.lower() not in suffixes:
+        raise UsageError(f"output {output} must end in {' or '.join(suffixes)}")
+    return output
+
+
+def artifact_kind(path: Path) -> str:
+    """``pt``, ``onnx`` or ``engine`` from the file's suffix; a clear error for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path} does not exist")
+    if path.is_dir():
+        raise InputFileError(f"{path} is a folder, not a model file")
+    kind = KIND_BY_SUFFIX.get(path.suffix.lower())
+    if kind is None:
+        raise InputFileError(
+            f"{path} is not a model file resopt knows (suffix {path.suffix or 'none'!r}); "
+            f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}"
+        )
+    return kind
+
+
+def require_kind(path: Path, *kinds: str, hint: str | None = None) -> str:
+    kind = artifact_kind(path)
+    if kind not in kinds:
+        raise InputFileError(f"{path} is a .{kind} file; this command takes {' or '.join('.' + k for k in kinds)}",
+                             hint=hint)
+    return kind
+
+
+# -------------------------------------------------------------------------------------------- lineage
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries that shape an artifact; only those already imported or cheap to find."""
+    from importlib import metadata
+
+    versions = {"resopt": __version__, "python": platform.python_version()}
+    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "torch-pruning", "tensorrt"):
+        try:
+            versions[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def lineage_entry(
+    command: str,
+    *,
+    options: dict[str, Any] | None = None,
+    parent: Path | None = None,
+    metrics: dict[str, Any] | None = None,
+    extra_parents: dict[str, Path] | None = None,
+) -> dict[str, Any]:
+    """One step of an artifact's history."""
+    entry: dict[str, Any] = {
+        "command": command,
+        "argv": list(sys.argv[1:]) if sys.argv and sys.argv[0].endswith(("resopt", "__main__.py")) else [],
+        "options": _jsonable(options or {}),
+        "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "versions": library_versions(),
+        "metrics": _jsonable(metrics or {}),
+    }
+    if parent is not None:
+        entry["parent"] = {"file": Path(parent).name, "sha256": sha256_file(Path(parent))}
+    for role, path in (extra_parents or {}).items():
+        entry[role] = {"file": Path(path).name, "sha256": sha256_file(Path(path))}
+    return entry
+
+
+def _jsonable(value: Any) -> Any:
+    """Options and metrics as JSON-safe primitives (paths to str, enums to values, tuples to lists)."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "value") and not isinstance(value, (int, float, str, bool)):
+        return _jsonable(value.value)
+    if isinstance(value, (int, float, str, bool)) or value is None:
+        return value
+    try:  # numpy / torch scalars
+        return value.item()
+    except AttributeError:
+        return str(value)
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How pixels become the model's input: recorded once at train time, read back downstream."""
+
+    input_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    resize: int | None = None  # eval-time resize before the center crop (None: no resize, 32x32 data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std),
+                "resize": self.resize}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Preprocess:
+        return cls(input_size=int(d["input_size"]), mean=tuple(float(x) for x in d["mean"]),
+                   std=tuple(float(x) for x in d["std"]), resize=d.get("resize"))
+
+
+def make_checkpoint(
+    *,
+    arch: str,
+    arch_kwargs: dict[str, Any],
+    state_dict: dict[str, Any],
+    classes: list[str],
+    preprocess: Preprocess,
+    lineage: list[dict[str, Any]],
+    metrics: dict[str, Any] | None = None,
+    widths: dict[str, list[int]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    ckpt: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
+        "format_version": CHECKPOINT_VERSION,
+        "arch": arch,
+        "arch_kwargs": dict(arch_kwargs),
+        "num_classes": len(classes),
+        "classes": list(classes),
+        "preprocess": preprocess.to_dict(),
+        "state_dict": state_dict,
+        "widths": widths or {},
+        "metrics": _jsonable(metrics or {}),
+        "lineage": lineage,
+    }
+    if extra:
+        ckpt.update(extra)
+    return ckpt
+
+
+def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+    import torch
+
+    with atomic_output(path) as tmp:
+        torch.save(ckpt, tmp)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a resopt ``.pt`` with ``weights_only=True``; pickled objects are refused, not executed."""
+    import pickle
+
+    import torch
+
+    path = Path(path)
+    require_kind(path, "pt")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise InputFileError(
+            f"{path} holds pickled Python objects, not a plain checkpoint; refusing to load it "
+            f"({str(e).splitlines()[0][:120]})",
+            hint="re-save the model as a state_dict, or train it with `resopt train`",
+        ) from None
+    except Exception as e:  # zip errors, truncated files, random bytes
+        raise InputFileError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputFileError(
+            f"{path} was not written by resopt (no '{CHECKPOINT_FORMAT}' format tag)",
+            hint="resopt reads checkpoints written by `resopt train`, `prune` or `distill`",
+        )
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise InputFileError(f"{path} uses checkpoint format {ckpt['format_version']}, newer than this "
+                             f"resopt understands ({CHECKPOINT_VERSION})", hint="upgrade resopt")
+    return ckpt
+
+
+def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:
+    return Preprocess.from_dict(ckpt["preprocess"])
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+
+def stamp_onnx(model: Any, meta: dict[str, Any]) -> None:
+    """Write ``resopt.*`` metadata_props (JSON values), replacing earlier resopt keys."""
+    keep = [p for p in model.metadata_props if not p.key.startswith(META_PREFIX)]
+    del model.metadata_props[:]
+    for p in keep:
+        model.metadata_props.add(key=p.key, value=p.value)
+    for key, value in meta.items():
+        model.metadata_props.add(key=META_PREFIX + key, value=json.dumps(_jsonable(value)))
+
+
+def read_onnx_meta(model_or_path: Any) -> dict[str, Any]:
+    """The ``resopt.*`` metadata of an ONNX model (proto or path), JSON-decoded, prefix stripped."""
+    model = load_onnx(model_or_path, load_weights=False) if isinstance(model_or_path, (str, Path)) \
+        else model_or_path
+    meta = {}
+    for p in model.metadata_props:
+        if p.key.startswith(META_PREFIX):
+            try:
+                meta[p.key[len(META_PREFIX):]] = json.loads(p.value)
+            except json.JSONDecodeError:
+                meta[p.key[len(META_PREFIX):]] = p.value
+    return meta
+
+
+def load_onnx(path: Path, *, load_weights: bool = True) -> Any:
+    import onnx
+
+    path = Path(path)
+    require_kind(path, "onnx")
+    try:
+        return onnx.load(str(path), load_external_data=load_weights)
+    except Exception as e:
+        raise InputFileError(f"{path} is not a readable ONNX model ({type(e).__name__})") from None
+
+
+def save_onnx(model: Any, path: Path) -> None:
+    import onnx
+
+    with atomic_output(path) as tmp:
+        onnx.save(model, str(tmp))
+
+
+def onnx_meta_from_checkpoint(ckpt: dict[str, Any], lineage: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metadata an ONNX model carries from its checkpoint: enough to preprocess and to trace back."""
+    return {
+        "arch": ckpt["arch"],
+        "classes": ckpt["classes"],
+        "preprocess": ckpt["preprocess"],
+        "metrics": ckpt.get("metrics", {}),
+        "lineage": lineage,
+    }
+
+
+def onnx_preprocess(meta: dict[str, Any], path: Path) -> Preprocess:
+    if "preprocess" not in meta:
+        raise InputFileError(f"{path} has no resopt preprocessing metadata (was it exported by resopt?)",
+                             hint="export it with `resopt export MODEL.pt`")
+    return Preprocess.from_dict(meta["preprocess"])
+
+
+# ------------------------------------------------------------------------------------ engine sidecars
+
+
+def sidecar_path(engine: Path) -> Path:
+    return Path(str(engine) + ".json")
+
+
+def write_sidecar(engine: Path, data: dict[str, Any]) -> None:
+    write_text_atomic(sidecar_path(engine), json.dumps(_jsonable(data), indent=2) + "\n")
+
+
+def read_sidecar(engine: Path) -> dict[str, Any]:
+    p = sidecar_path(engine)
+    if not p.exists():
+        raise InputFileError(f"{engine} has no sidecar {p.name}; resopt cannot tell how it was built",
+                             hint=f"rebuild it with `resopt build MODEL.onnx -o {engine}`")
+    try:
+        return json.loads(p.read_text())
+    except json.JSONDecodeError:
+        raise InputFileError(f"sidecar {p} is not valid JSON") from None
+
+
+# ------------------------------------------------------------------------------------------ metadata
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What ``resopt info`` and ``bench`` know about a file without running it."""
+
+    path: Path
+    kind: str
+    arch: str | None
+    classes: list[str]
+    preprocess: Preprocess | None
+    lineage: list[dict[str, Any]]
+    metrics: dict[str, Any]
+
+
+def read_artifact_info(path: Path) -> ArtifactInfo:
+    path = Path(path)
+    kind = artifact_kind(path)
+    if kind == "pt":
+        ckpt = load_checkpoint(path)
+        return ArtifactInfo(path, kind, ckpt["arch"], ckpt["classes"], checkpoint_preprocess(ckpt),
+                            ckpt.get("lineage", []), ckpt.get("metrics", {}))
+    if kind == "onnx":
+        meta = read_onnx_meta(path)
+        pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+        return ArtifactInfo(path, kind, meta.get("arch"), meta.get("classes", []), pre,
+                            meta.get("lineage", []), meta.get("metrics", {}))
+    side = read_sidecar(path)
+    pre = Preprocess.from_dict(side["preprocess"]) if "preprocess" in side else None
+    return ArtifactInfo(path, kind, side.get("arch"), side.get("classes", []), pre,
+                        side.get("lineage", []), side.get("metrics", {}))

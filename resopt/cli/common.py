@@ -1,0 +1,65 @@
+"""Option aliases shared by the commands, and the output sink (results to stdout, nothing else)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
+DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="ImageFolder with train/ and test/, or cifar10/cifar100.")]
+LimitOpt = Annotated[int | None, typer.Option("--limit-per-class", help="Use at most N images per class (class-balanced).")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed (same seed, same result on CPU).")]
+
+
+def output_opt(help_text: str = "Output file.") -> Any:
+    return typer.Option("--output", "-o", help=help_text)
+
+
+def model_arg(help_text: str) -> Any:
+    return typer.Argument(..., help=help_text, show_default=False)
+
+
+def emit(data: dict[str, Any], *, json_out: bool, render: Any = None) -> None:
+    """Print one result: a JSON document, or whatever ``render(data)`` returns (a Rich renderable)."""
+    if json_out or render is None:
+        sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+        sys.stdout.flush()
+        return
+    from rich.console import Console
+
+    Console(highlight=False, soft_wrap=False).print(render(data))
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for k, v in rows:
+        table.add_row(k, str(v))
+    return table
+
+
+def default_output(model: Path, suffix: str) -> Path:
+    """``r20.pt`` + ``.onnx`` -> ``r20.onnx``; ``r20.onnx`` + ``.int8.onnx`` -> ``r20.int8.onnx``."""
+    return model.with_name(model.name[: -len(model.suffix)] + suffix)

@@ -1,0 +1,67 @@
+"""``resopt train``: data -> .pt"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, emit, human_count, kv_table
+
+
+def train_cmd(
+    data: DataOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.pt).")] = Path("model.pt"),
+    arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture (see `resopt info --archs`).")] = "resnet20",
+    epochs: Annotated[int, typer.Option(help="Training epochs.")] = 30,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (per process under torchrun).")] = 128,
+    lr: Annotated[float | None, typer.Option(help="Peak learning rate [default: 0.1*batch/128 SGD, 1e-3 AdamW].")] = None,
+    optimizer: Annotated[str, typer.Option(help="sgd (momentum, Nesterov) or adamw.")] = "sgd",
+    momentum: Annotated[float, typer.Option(help="SGD momentum.")] = 0.9,
+    nesterov: Annotated[bool, typer.Option(help="Nesterov momentum for SGD.")] = True,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", "--wd", help="Weight decay (not on BN/bias).")] = 5e-4,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warm-up before the cosine decay.")] = 1.0,
+    label_smoothing: Annotated[float, typer.Option(help="Label smoothing for the cross-entropy.")] = 0.0,
+    amp: Annotated[bool, typer.Option(help="Mixed precision on CUDA (bf16 or fp16).")] = True,
+    channels_last: Annotated[bool, typer.Option(help="channels_last memory format on CUDA.")] = True,
+    width: Annotated[float, typer.Option(help="Channel width multiplier (e.g. 0.25 for quick runs).")] = 1.0,
+    pretrained: Annotated[bool, typer.Option(help="Start from torchvision ImageNet weights (needs network).")] = False,
+    input_size: Annotated[int | None, typer.Option(help="Input resolution [default: native for <=64px images, else 224].")] = None,
+    limit_per_class: LimitOpt = None,
+    val_split: Annotated[float | None, typer.Option(help="Hold out this fraction of train for validation instead of using test/.")] = None,
+    seed: SeedOpt = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="DataLoader worker processes [default: auto].")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")] = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Train a classifier from scratch (or from ImageNet weights) and write a .pt checkpoint.
+
+    Keeps the best epoch by test (or --val-split) top-1. Runs data-parallel under torchrun.
+
+    Example: resopt train --arch resnet20 --data cifar10 --epochs 30 -o r20.pt
+    """
+    from resopt.errors import UsageError
+    from resopt.train import DataOptions, TrainConfig, train_model
+
+    if data is None:
+        raise UsageError("train needs --data (a folder with train/ and test/, or cifar10/cifar100)",
+                         hint="resopt train --arch resnet20 --data examples/cifar10-mini -o r20.pt")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                      nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                      label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
+                      device=device, workers=workers)
+    result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed), cfg, output, width=width,
+                         pretrained=pretrained, input_size=input_size, resume=resume)
+    emit(result.summary(), json_out=json_, render=_render)
+
+
+def _render(d: dict[str, Any]) -> Any:
+    return kv_table(f"trained {d['arch']} -> {d['output']}", [
+        ("params", human_count(d["params"])), ("MACs", human_count(d["macs"])),
+        (f"best {d['eval_split']} top-1", f"{d['top1']:.2f}% (epoch {d['best_epoch']})"),
+        (f"best {d['eval_split']} top-5", f"{d['top5']:.2f}%"),
+        ("images", f"{d['train_images']} train / {d['eval_images']} eval"),
+        ("time", f"{d['train_seconds']:.1f}s ({d['train_images_per_sec']:.0f} img/s on {d['device']})"),
+    ])

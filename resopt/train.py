@@ -1,0 +1,527 @@
+"""Training: ``fit`` (the loop every stage reuses) and ``train_model`` (the ``train`` command's work).
+
+``fit`` trains any ``nn.Module`` with SGD (momentum, Nesterov) or AdamW, a per-step cosine schedule with
+linear warm-up, label smoothing, AMP and channels_last on CUDA, and evaluates top-1/top-5 each epoch,
+keeping the best weights. Distillation, pruning fine-tunes and QAT plug in through ``loss_fn`` (a
+different loss) and ``hooks`` (re-applying masks after each step, zeroing filters each epoch, ...).
+
+Under ``torchrun`` it trains data-parallel with DistributedDataParallel (NCCL on CUDA, gloo on CPU);
+``--batch-size`` is then per process, and only rank 0 logs and writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from resopt.artifacts import (
+    Preprocess,
+    atomic_output,
+    lineage_entry,
+    make_checkpoint,
+    save_checkpoint,
+)
+from resopt.console import log, progress
+from resopt.errors import InputFileError, UsageError, choice_error
+from resopt.metrics import TopK
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+    from torch.utils.data import Dataset
+
+OPTIMIZERS = ("sgd", "adamw")
+LossFn = Callable[["nn.Module", "torch.Tensor", "torch.Tensor"], tuple["torch.Tensor", "torch.Tensor"]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float | None = None  # None: 0.1 * batch/128 for SGD, 1e-3 for AdamW
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    amp: bool = True  # CUDA only: bf16 where supported, else fp16 with a grad scaler
+    channels_last: bool = True  # CUDA only
+    seed: int = 0
+    device: str = "auto"
+    workers: int | None = None
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.optimizer not in OPTIMIZERS:
+            raise choice_error("optimizer", self.optimizer, OPTIMIZERS)
+        if self.lr is not None and not self.lr > 0:
+            raise UsageError(f"--lr must be positive, got {self.lr}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.warmup_epochs < 0:
+            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+
+    def base_lr(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.1 * self.batch_size / 128 if self.optimizer == "sgd" else 1e-3
+
+
+class Hook(Protocol):
+    """Optional callbacks a stage can pass to ``fit``; each method may be absent."""
+
+    def on_step_end(self, model: nn.Module) -> None: ...
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None: ...
+
+
+@dataclass
+class FitResult:
+    best_top1: float
+    best_top5: float
+    best_epoch: int
+    last: dict[str, float]
+    history: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    images_per_sec: float = 0.0
+    device: str = "cpu"
+    world_size: int = 1
+
+    def metrics(self) -> dict[str, Any]:
+        return {"top1": round(self.best_top1, 3), "top5": round(self.best_top5, 3),
+                "best_epoch": self.best_epoch, "train_seconds": round(self.seconds, 1),
+                "train_images_per_sec": round(self.images_per_sec, 1), "device": self.device,
+                "world_size": self.world_size}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def seed_everything(seed: int) -> None:
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    import torch
+
+    if name == "auto":
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from resopt.errors import EnvironmentMismatchError
+
+        raise EnvironmentMismatchError("--device cuda was asked for but no CUDA GPU is visible to PyTorch",
+                                       hint="run on a GPU machine, or use --device cpu")
+    return torch.device(name)
+
+
+@dataclass(frozen=True)
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _init_distributed(device: torch.device) -> _Dist:
+    """Join the process group torchrun set up; a no-op for a single process."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return _Dist()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return _Dist(dist.get_rank(), dist.get_world_size())
+
+
+def evaluate(model: nn.Module, loader: Any, device: torch.device, *, dist: _Dist | None = None,
+             channels_last: bool = False) -> TopK:
+    """top-1/top-5 and loss of ``model`` over ``loader`` (summed across processes under DDP)."""
+    import torch
+    import torch.nn.functional as F
+
+    acc = TopK()
+    model.eval()
+    with torch.no_grad():
+        for images, labels in loader:
+            images = images.to(device, non_blocking=True)
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            logits = model(images).float()
+            loss = F.cross_entropy(logits, labels.to(device)).item()
+            acc.update(logits.cpu().numpy(), labels.numpy(), loss)
+    if dist is not None and dist.world_size > 1:
+        import torch.distributed as tdist
+
+        t = torch.tensor([acc.n, acc.correct1, acc.correct5, acc.loss_sum], dtype=torch.float64, device=device)
+        tdist.all_reduce(t)
+        acc.n, acc.correct1, acc.correct5, acc.loss_sum = int(t[0]), int(t[1]), int(t[2]), float(t[3])
+    return acc
+
+
+def _cosine_with_warmup(step: int, total: int, warmup: int) -> float:
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    progress_ = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress_)))
+
+
+def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    import torch
+
+    # No weight decay on biases and batch-norm parameters: decaying them only hurts accuracy.
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.base_lr())
+    return torch.optim.SGD(groups, lr=cfg.base_lr(), momentum=cfg.momentum, nesterov=cfg.nesterov)
+
+
+# ---------------------------------------------------------------------------------------------- fit
+
+
+def fit(
+    model: nn.Module,
+    train_set: Dataset,
+    eval_set: Dataset | None,
+    cfg: TrainConfig,
+    *,
+    loss_fn: LossFn | None = None,
+    hooks: Sequence[Any] = (),
+    resume_path: Path | None = None,
+    resume: bool = False,
+    description: str = "train",
+) -> FitResult:
+    """Train ``model`` in place; on return it holds the best weights (by eval top-1; the last if no eval set).
+
+    ``resume_path``: a file where the full training state is saved after each epoch, so ``resume=True``
+    continues an interrupted run from its last finished epoch; it is removed when training completes.
+    """
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.data.distributed import DistributedSampler
+
+    from resopt.data import make_loader
+
+    cfg.validate()
+    device = resolve_device(cfg.device)
+    dist = _init_distributed(device)
+    seed_everything(cfg.seed + dist.rank)
+    use_cuda = device.type == "cuda"
+    channels_last = cfg.channels_last and use_cuda
+    amp_dtype = None
+    if cfg.amp and use_cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
+        if dist.world_size > 1 else None
+    train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
+                               drop_last=len(train_set) > cfg.batch_size, sampler=sampler)  # type: ignore
+    eval_loader = None
+    if eval_set is not None:
+        eval_sampler = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
+        eval_loader = make_loader(eval_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
+                                  sampler=eval_sampler)
+
+    net: nn.Module = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if use_cuda else None)
+
+    optimizer = _make_optimizer(model, cfg)
+    steps_per_epoch = max(1, len(train_loader))
+    total_steps = cfg.epochs * steps_per_epoch
+    warmup_steps = int(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs > 1 else 0
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _cosine_with_warmup(s, total_steps, warmup_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
+
+    if loss_fn is None:
+        def loss_fn(m: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            logits = m(x)
+            return F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing), logits
+
+    start_epoch = 0
+    best: dict[str, Any] = {"top1": -1.0, "top5": 0.0, "epoch": 0, "state": None}
+    history: list[dict[str, float]] = []
+    if resume and resume_path is not None and resume_path.exists():
+        state = torch.load(resume_path, map_location=device, weights_only=True)
+        if state.get("config") != _config_key(cfg):
+            raise UsageError(f"{resume_path} was written with other training options; cannot resume",
+                             hint=f"delete {resume_path} to start over")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history = int(state["epoch"]), list(state["history"])
+        best = {"top1": state["best_top1"], "top5": state["best_top5"], "epoch": state["best_epoch"],
+                "state": state["best_state"]}
+        torch.set_rng_state(state["rng_cpu"])
+        train_loader.generator.set_state(state["rng_loader"])  # type: ignore[union-attr]
+        if dist.main:
+            log(f"resuming from {resume_path.name} after epoch {start_epoch}/{cfg.epochs}")
+    elif resume and dist.main:
+        log(f"nothing to resume ({resume_path} not found); starting from scratch")
+
+    t_start = time.perf_counter()
+    images_seen = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        net.train()
+        train_acc = TopK()
+        t_epoch = time.perf_counter()
+        with progress(f"{description} epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch) as bar:
+            for images, labels in train_loader:
+                images = images.to(device, non_blocking=True)
+                labels = labels.to(device, non_blocking=True)
+                if channels_last:
+                    images = images.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss, logits = loss_fn(net, images, labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for h in hooks:
+                    if hasattr(h, "on_step_end"):
+                        h.on_step_end(model)
+                if not math.isfinite(loss.item()):
+                    raise UsageError(f"training diverged (loss {loss.item()}) at epoch {epoch + 1}",
+                                     hint="lower --lr")
+                train_acc.update(logits.detach().float().cpu().numpy(), labels.cpu().numpy(), loss.item())
+                images_seen += len(labels) * dist.world_size
+                bar.advance(1, loss=train_acc.loss)
+        for h in hooks:
+            if hasattr(h, "on_epoch_end"):
+                h.on_epoch_end(model, epoch)
+        row = {"epoch": epoch + 1, "loss": round(train_acc.loss, 4), "train_top1": round(train_acc.top1, 2),
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t_epoch, 2)}
+        if eval_loader is not None:
+            acc = evaluate(model, eval_loader, device, dist=dist, channels_last=channels_last)
+            row.update({"top1": round(acc.top1, 3), "top5": round(acc.top5, 3)})
+            if acc.top1 > best["top1"]:
+                best = {"top1": acc.top1, "top5": acc.top5, "epoch": epoch + 1,
+                        "state": copy.deepcopy(model.state_dict())}
+        else:
+            best = {"top1": train_acc.top1, "top5": train_acc.top5, "epoch": epoch + 1, "state": None}
+        history.append(row)
+        if dist.main:
+            eval_txt = f"  top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%" if "top1" in row else ""
+            log(f"{description} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  "
+                f"train {row['train_top1']:.1f}%{eval_txt}  {row['seconds']:.1f}s")
+            if resume_path is not None:
+                _save_resume_state(resume_path, cfg, model, optimizer, scheduler, epoch + 1, history, best,
+                                   train_loader.generator)  # type: ignore[arg-type]
+
+    seconds = time.perf_counter() - t_start
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
+    model.to("cpu")
+    if channels_last:
+        model.to(memory_format=torch.contiguous_format)
+    model.eval()
+    if resume_path is not None and resume_path.exists() and dist.main:
+        resume_path.unlink()
+    last = history[-1] if history else {}
+    return FitResult(best_top1=float(best["top1"]), best_top5=float(best["top5"]), best_epoch=int(best["epoch"]),
+                     last=last, history=history, seconds=seconds,
+                     images_per_sec=images_seen / seconds if seconds > 0 else 0.0,
+                     device=str(device), world_size=dist.world_size)
+
+
+def _config_key(cfg: TrainConfig) -> dict[str, Any]:
+    d = asdict(cfg)
+    d.pop("workers", None)
+    d.pop("device", None)
+    return d
+
+
+def _save_resume_state(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: Any, scheduler: Any,
+                       epoch: int, history: list[dict[str, float]], best: dict[str, Any], gen: Any) -> None:
+    import torch
+
+    state = {"config": _config_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
+             "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+             "best_state": best["state"], "rng_cpu": torch.get_rng_state(), "rng_loader": gen.get_state()}
+    with atomic_output(path) as tmp:
+        torch.save(state, tmp)
+
+
+def resume_path_for(output: Path) -> Path:
+    return output.with_name(output.name + ".resume")
+
+
+# ------------------------------------------------------------------------------------- train command
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """How a command reads ``--data``."""
+
+    data: str
+    limit_per_class: int | None = None
+    val_split: float | None = None  # hold out this fraction of train; else evaluate on the test split
+    seed: int = 0
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    arch: str
+    params: int
+    macs: int
+    preprocess: Preprocess
+    fit: FitResult
+    train_images: int
+    eval_images: int
+    eval_split: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"output": str(self.output), "arch": self.arch, "params": self.params, "macs": self.macs,
+                "train_images": self.train_images, "eval_images": self.eval_images, "eval_split": self.eval_split,
+                **self.fit.metrics(), "history": self.fit.history}
+
+
+@dataclass
+class PreparedData:
+    train: Dataset
+    eval: Dataset | None
+    classes: list[str]
+    preprocess: Preprocess
+    eval_split: str
+
+
+def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, input_size: int | None = None,
+                 arch_default_size: int = 32) -> PreparedData:
+    """Resolve ``--data`` into train/eval datasets with augmentation; decide preprocessing if not given."""
+    from resopt.data import (
+        classes_of,
+        compute_normalization,
+        decide_input_size,
+        eval_transform,
+        limit_per_class,
+        resolve_data,
+        split_validation,
+        train_transform,
+    )
+
+    source = resolve_data(opts.data)
+    if source.kind == "folder" and source.train_dir is None:
+        from resopt.errors import DataError
+
+        raise DataError(f"data {opts.data} has no train/ folder to train on")
+    if preprocess is None:
+        size, resize = decide_input_size(source, input_size, arch_default_size)
+        raw = limit_per_class(source.dataset("train"), opts.limit_per_class, seed=opts.seed)
+        mean, std = compute_normalization(raw, seed=opts.seed)
+        preprocess = Preprocess(input_size=size, mean=mean, std=std, resize=resize)
+    train_full = source.dataset("train", train_transform(preprocess))
+    classes = classes_of(train_full)
+    train_full = limit_per_class(train_full, opts.limit_per_class, seed=opts.seed)
+    if opts.val_split:
+        eval_full = source.dataset("train", eval_transform(preprocess))
+        eval_full = limit_per_class(eval_full, opts.limit_per_class, seed=opts.seed)
+        train_set, _ = split_validation(train_full, opts.val_split, seed=opts.seed)
+        _, eval_set = split_validation(eval_full, opts.val_split, seed=opts.seed)
+        split = "val"
+    else:
+        train_set = train_full
+        eval_set = source.dataset("test", eval_transform(preprocess)) if source.test_dir or \
+            source.kind == "torchvision" else None
+        if eval_set is not None:
+            from resopt.data import check_classes
+
+            check_classes(classes, classes_of(eval_set), model_name="train split", data=opts.data)
+            eval_set = limit_per_class(eval_set, opts.limit_per_class, seed=opts.seed)
+        split = "test" if eval_set is not None else "none"
+    return PreparedData(train_set, eval_set, classes, preprocess, split)
+
+
+def train_model(
+    arch: str,
+    data: DataOptions,
+    cfg: TrainConfig,
+    output: Path,
+    *,
+    width: float = 1.0,
+    pretrained: bool = False,
+    input_size: int | None = None,
+    resume: bool = False,
+    options: dict[str, Any] | None = None,
+) -> TrainResult:
+    """Train ``arch`` on ``data`` and write the best checkpoint to ``output``."""
+    from resopt.models import build_model, count_macs, count_params, get_spec, model_widths
+
+    spec = get_spec(arch)
+    cfg.validate()
+    output = Path(output)
+    if output.suffix not in (".pt", ".pth"):
+        raise UsageError(f"output {output} must end in .pt")
+    prepared = prepare_data(data, input_size=input_size, arch_default_size=spec.default_input_size)
+    pre = prepared.preprocess
+    if pretrained:
+        # ImageNet weights expect ImageNet statistics, not the ones measured on this data.
+        pre = replace(pre, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+        prepared = prepare_data(data, preprocess=pre)
+    seed_everything(cfg.seed)
+    model = build_model(arch, len(prepared.classes), width=width, pretrained=pretrained)
+    log(f"training {arch} ({len(prepared.classes)} classes, input {pre.input_size}px) on "
+        f"{len(prepared.train)} images; evaluating on {len(prepared.eval) if prepared.eval else 0} "  # type: ignore
+        f"{prepared.eval_split} images")
+    result = fit(model, prepared.train, prepared.eval, cfg, resume_path=resume_path_for(output), resume=resume,
+                 description=f"train {arch}")
+    params, _ = count_params(model)
+    macs = count_macs(model, pre.input_size)
+    metrics = {**result.metrics(), "eval_split": prepared.eval_split, "params": params, "macs": macs}
+    opts = {"arch": arch, "width": width, "pretrained": pretrained, "data": data.data,
+            "limit_per_class": data.limit_per_class, "val_split": data.val_split, **asdict(cfg),
+            **(options or {})}
+    ckpt = make_checkpoint(arch=arch, arch_kwargs={"width": width}, state_dict=model.state_dict(),
+                           classes=prepared.classes, preprocess=pre,
+                           lineage=[lineage_entry("train", options=opts, metrics=metrics)],
+                           metrics=metrics, widths=model_widths(model))
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_checkpoint(ckpt, output)
+    return TrainResult(output=output, arch=arch, params=params, macs=macs, preprocess=pre, fit=result,
+                       train_images=len(prepared.train), eval_images=len(prepared.eval or []),  # type: ignore
+                       eval_split=prepared.eval_split)
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A checkpoint's model (eval mode, CPU) and the checkpoint dict."""
+    from resopt.artifacts import load_checkpoint
+    from resopt.models import model_from_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        return model_from_checkpoint(ckpt), ckpt
+    except KeyError as e:
+        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
