@@ -59,3 +59,14 @@ def open_runner(path: Path, *, device: str = "cpu", threads: int | None = None, 
     kind = artifact_kind(path)
     module, cls = BACKENDS[kind]
     return getattr(importlib.import_module(module), cls)(Path(path), device=device, threads=threads, **kwargs)
+
+
+def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> Any:
+    """top-1/top-5 of ``runner`` on a torch Dataset of (image tensor, label) pairs."""
+    from resopt.data import make_loader
+    from resopt.metrics import TopK
+
+    acc = TopK()
+    for images, labels in make_loader(dataset, batch_size, shuffle=False):
+        acc.update(runner.infer(images.numpy()), labels.numpy())
+    return acc

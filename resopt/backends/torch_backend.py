@@ -1,0 +1,42 @@
+"""PyTorch runner for ``.pt`` checkpoints (eager; CPU, or CUDA with optional FP16 autocast)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from resopt.backends import Runner
+
+
+class TorchRunner(Runner):
+    kind = "pt"
+
+    def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, fp16: bool = False,
+                 channels_last: bool = False, model: Any = None, checkpoint: dict | None = None) -> None:
+        import torch
+
+        from resopt.train import load_model, resolve_device
+
+        if model is None:
+            model, checkpoint = load_model(path)
+        if threads:
+            torch.set_num_threads(threads)
+        self.torch_device = resolve_device("cuda" if device == "gpu" else device)
+        self.device = self.torch_device.type
+        self.checkpoint = checkpoint or {}
+        self.input_size = int(self.checkpoint["preprocess"]["input_size"]) if checkpoint else 32
+        self.fp16 = fp16 and self.device == "cuda"
+        self.channels_last = channels_last
+        self.model = model.eval().to(self.torch_device)
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.provider = "torch eager" + (" fp16" if self.fp16 else "") + (" channels_last" if channels_last else "")
+
+    def infer(self, batch: Any) -> Any:
+        import torch
+
+        x = torch.from_numpy(batch).to(self.torch_device)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), torch.autocast(self.device, dtype=torch.float16, enabled=self.fp16):
+            return self.model(x).float().cpu().numpy()
