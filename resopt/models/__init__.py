@@ -49,6 +49,16 @@ def _cifar_resnet(depth: int) -> Callable[..., nn.Module]:
     return build
 
 
+def _cifar_variant(kind: str, depth: int) -> Callable[..., nn.Module]:
+    def build(num_classes: int, width: float = 1.0) -> nn.Module:
+        from resopt.models import variants
+
+        cls = variants.DSResNet if kind == "ds" else variants.SEResNet
+        return cls(depth, num_classes=num_classes, width=width)
+
+    return build
+
+
 def _vgg16_bn_cifar(num_classes: int, width: float = 1.0) -> nn.Module:
     from resopt.models.vgg import VGGCifar
 
@@ -72,6 +82,14 @@ REGISTRY: dict[str, ModelSpec] = {
                   _cifar_resnet(32)),
         ModelSpec("resnet56", "CIFAR ResNet-56 (He et al. 2016), 0.85M params", "cifar-resnet", 32,
                   _cifar_resnet(56)),
+        ModelSpec("resnet20-ds", "ResNet-20 with depthwise-separable 3x3 convolutions (pruning studies)",
+                  "cifar-resnet-ds", 32, _cifar_variant("ds", 20)),
+        ModelSpec("resnet56-ds", "ResNet-56 with depthwise-separable 3x3 convolutions (pruning studies)",
+                  "cifar-resnet-ds", 32, _cifar_variant("ds", 56)),
+        ModelSpec("resnet20-se", "ResNet-20 with squeeze-and-excitation gates (pruning studies)",
+                  "cifar-resnet-se", 32, _cifar_variant("se", 20)),
+        ModelSpec("resnet56-se", "ResNet-56 with squeeze-and-excitation gates (pruning studies)",
+                  "cifar-resnet-se", 32, _cifar_variant("se", 56)),
         ModelSpec("vgg16-bn-cifar", "VGG-16 with batch norm, CIFAR classifier", "vgg", 32, _vgg16_bn_cifar),
     ]
 }
