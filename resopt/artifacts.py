@@ -111,9 +111,13 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     versions = {"resopt": __version__, "python": platform.python_version()}
-    for dist in ("torch", "torchvision", "onnx", "onnxruntime", "torch-pruning", "tensorrt"):
+    for dist, module in (("torch", "torch"), ("torchvision", "torchvision"), ("onnx", "onnx"),
+                         ("onnxruntime", "onnxruntime"), ("torch-pruning", "torch_pruning"),
+                         ("tensorrt", "tensorrt")):
+        # A loaded module's own version names its build too (e.g. 2.15.0+cu132), which the dist lacks.
+        loaded = getattr(sys.modules.get(module), "__version__", None)
         try:
-            versions[dist] = metadata.version(dist)
+            versions[dist] = str(loaded) if loaded else metadata.version(dist)
         except metadata.PackageNotFoundError:
             continue
     return versions
@@ -232,9 +236,13 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y"); anything
+        # else it rejects is not a pickle stream of a checkpoint at all.
+        refused = next((ln.split("GLOBAL", 1)[1].split()[0] for ln in str(e).splitlines() if "GLOBAL" in ln), None)
+        if refused is None:
+            raise InputFileError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle stream)") from None
         raise InputFileError(
-            f"{path} holds pickled Python objects, not a plain checkpoint; refusing to load it "
-            f"({str(e).splitlines()[0][:120]})",
+            f"{path} holds pickled Python objects ({refused}), not a plain checkpoint; refusing to load it",
             hint="re-save the model as a state_dict, or train it with `resopt train`",
         ) from None
     except Exception as e:  # zip errors, truncated files, random bytes

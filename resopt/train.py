@@ -482,6 +482,7 @@ def train_model(
 
     spec = get_spec(arch)
     cfg.validate()
+    resolve_device(cfg.device)  # fail before the data is read, not after
     output = Path(output)
     if output.suffix not in (".pt", ".pth"):
         raise UsageError(f"output {output} must end in .pt")
@@ -493,9 +494,10 @@ def train_model(
         prepared = prepare_data(data, preprocess=pre)
     seed_everything(cfg.seed)
     model = build_model(arch, len(prepared.classes), width=width, pretrained=pretrained)
-    log(f"training {arch} ({len(prepared.classes)} classes, input {pre.input_size}px) on "
-        f"{len(prepared.train)} images; evaluating on {len(prepared.eval) if prepared.eval else 0} "  # type: ignore
-        f"{prepared.eval_split} images")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"training {arch} ({len(prepared.classes)} classes, input {pre.input_size}px) on "
+            f"{len(prepared.train)} images; evaluating on {len(prepared.eval) if prepared.eval else 0} "  # type: ignore
+            f"{prepared.eval_split} images")
     result = fit(model, prepared.train, prepared.eval, cfg, resume_path=resume_path_for(output), resume=resume,
                  description=f"train {arch}")
     params, _ = count_params(model)

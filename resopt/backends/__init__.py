@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resopt.artifacts import artifact_kind
+from resopt.artifacts import Preprocess, artifact_kind
+from resopt.errors import MissingDependencyError
 
 # kind -> (module, class). The heavy libraries are imported only by the chosen module.
 BACKENDS: dict[str, tuple[str, str]] = {
@@ -20,14 +21,26 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "engine": ("resopt.backends.tensorrt_backend", "TrtRunner"),
 }
 
+# What to install when a backend's module or library is missing (pt and onnx are core dependencies).
+BACKEND_HINTS: dict[str, str] = {
+    "pt": "pip install torch",
+    "onnx": "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)",
+    "engine": "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'",
+}
+
 
 class Runner:
-    """Base class. Subclasses set ``kind``/``device``/``input_size`` and implement ``infer``."""
+    """Base class. Subclasses set ``kind``/``device``/``input_size``/``preprocess`` and implement ``infer``."""
 
     kind: str = ""
     device: str = "cpu"
     input_size: int = 32
+    preprocess: Preprocess | None = None
     provider: str = ""  # e.g. "CPUExecutionProvider", "torch eager", "TensorRT 10.3"
+    max_batch: int | None = None  # largest batch the runner accepts (an engine's profile); None: any
+    # Libraries the runner needs at run time. ``bench`` imports them before it reads a worker's baseline
+    # memory, so that a model's peak memory counts the model, not the import of torch or onnxruntime.
+    runtime_modules: tuple[str, ...] = ()
 
     def infer(self, batch: Any) -> Any:  # np.ndarray (N,3,H,W) float32 -> np.ndarray (N,classes) float32
         raise NotImplementedError
@@ -51,14 +64,37 @@ class Runner:
             times.append(time.perf_counter() - t0)
         return times
 
+    def reset_peak_device_memory(self) -> None:
+        """Start a new peak-memory window on the accelerator (GPU runners); host memory is bench's job."""
+
+    def peak_device_memory(self) -> int | None:
+        """Bytes of accelerator memory at the peak since the last reset; None for CPU runners."""
+        return None
+
     def close(self) -> None:
         pass
 
 
+def runner_class(kind: str) -> type[Runner]:
+    """The runner class for an artifact kind; a missing backend is a MissingDependencyError, not a traceback."""
+    module, cls = BACKENDS[kind]
+    try:
+        return getattr(importlib.import_module(module), cls)
+    except ModuleNotFoundError as e:
+        raise MissingDependencyError(f"cannot run .{kind} files: module {e.name!r} is not installed",
+                                     hint=BACKEND_HINTS.get(kind)) from None
+
+
+def backend_available(kind: str) -> bool:
+    """Whether the backend module for ``kind`` exists, without importing it or its library."""
+    from importlib.util import find_spec
+
+    return find_spec(BACKENDS[kind][0]) is not None
+
+
 def open_runner(path: Path, *, device: str = "cpu", threads: int | None = None, **kwargs: Any) -> Runner:
     kind = artifact_kind(path)
-    module, cls = BACKENDS[kind]
-    return getattr(importlib.import_module(module), cls)(Path(path), device=device, threads=threads, **kwargs)
+    return runner_class(kind)(Path(path), device=device, threads=threads, **kwargs)
 
 
 def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> Any:
@@ -66,6 +102,8 @@ def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> A
     from resopt.data import make_loader
     from resopt.metrics import TopK
 
+    if runner.max_batch is not None:
+        batch_size = min(batch_size, runner.max_batch)
     acc = TopK()
     for images, labels in make_loader(dataset, batch_size, shuffle=False):
         acc.update(runner.infer(images.numpy()), labels.numpy())

@@ -36,6 +36,7 @@ def make_session(path: Path | bytes, *, device: str = "cpu", threads: int | None
 
 class OrtRunner(Runner):
     kind = "onnx"
+    runtime_modules = ("onnxruntime", "onnx")
 
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
         from resopt.artifacts import onnx_preprocess, read_onnx_meta

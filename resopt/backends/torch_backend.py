@@ -10,11 +10,13 @@ from resopt.backends import Runner
 
 class TorchRunner(Runner):
     kind = "pt"
+    runtime_modules = ("torch", "torchvision", "resopt.train", "resopt.models")
 
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None, fp16: bool = False,
                  channels_last: bool = False, model: Any = None, checkpoint: dict | None = None) -> None:
         import torch
 
+        from resopt.artifacts import checkpoint_preprocess
         from resopt.train import load_model, resolve_device
 
         if model is None:
@@ -23,8 +25,12 @@ class TorchRunner(Runner):
             torch.set_num_threads(threads)
         self.torch_device = resolve_device("cuda" if device == "gpu" else device)
         self.device = self.torch_device.type
-        self.checkpoint = checkpoint or {}
-        self.input_size = int(self.checkpoint["preprocess"]["input_size"]) if checkpoint else 32
+        # Keep the checkpoint's metadata but not its state_dict: the model already holds the weights, and a
+        # second copy would double the memory that ``bench`` reports for a .pt.
+        self.checkpoint = {k: v for k, v in (checkpoint or {}).items() if k != "state_dict"}
+        if "preprocess" in self.checkpoint:
+            self.preprocess = checkpoint_preprocess(self.checkpoint)
+            self.input_size = self.preprocess.input_size
         self.fp16 = fp16 and self.device == "cuda"
         self.channels_last = channels_last
         self.model = model.eval().to(self.torch_device)

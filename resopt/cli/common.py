@@ -23,15 +23,22 @@ def model_arg(help_text: str) -> Any:
     return typer.Argument(..., help=help_text, show_default=False)
 
 
-def emit(data: dict[str, Any], *, json_out: bool, render: Any = None) -> None:
-    """Print one result: a JSON document, or whatever ``render(data)`` returns (a Rich renderable)."""
+def emit(data: dict[str, Any], *, json_out: bool, render: Any = None, min_width: int | None = None) -> None:
+    """Print one result: a JSON document, or whatever ``render(data)`` returns (a Rich renderable).
+
+    ``min_width``: when stdout is not a terminal (a file, a pipe, a CI log), render at least this wide
+    instead of Rich's 80 columns, so a wide table is not folded into unreadable cells.
+    """
     if json_out or render is None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         sys.stdout.flush()
         return
     from rich.console import Console
 
-    Console(highlight=False, soft_wrap=False).print(render(data))
+    console = Console(highlight=False, soft_wrap=False)
+    if min_width and not console.is_terminal and console.width < min_width:
+        console = Console(highlight=False, soft_wrap=False, width=min_width)
+    console.print(render(data))
 
 
 def human_bytes(n: float) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -54,7 +55,8 @@ def train_cmd(
                       device=device, workers=workers)
     result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed), cfg, output, width=width,
                          pretrained=pretrained, input_size=input_size, resume=resume)
-    emit(result.summary(), json_out=json_, render=_render)
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
+        emit(result.summary(), json_out=json_, render=_render)
 
 
 def _render(d: dict[str, Any]) -> Any:

@@ -1,0 +1,120 @@
+"""The train command on real images: artifact contents, determinism, resume, DDP and errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from resopt.artifacts import load_checkpoint
+from resopt.models import count_params, model_from_checkpoint
+from resopt.train import TrainConfig, _cosine_with_warmup
+
+TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "50", "--limit-per-class", "10"]
+
+
+def test_trained_checkpoint_contents(trained_pt: Path) -> None:
+    ckpt = load_checkpoint(trained_pt)
+    assert ckpt["arch"] == "resnet20" and ckpt["arch_kwargs"] == {"width": 0.5}
+    assert ckpt["classes"][:2] == ["airplane", "automobile"] and ckpt["num_classes"] == 10
+    assert ckpt["preprocess"]["input_size"] == 32 and ckpt["preprocess"]["resize"] is None
+    assert ckpt["lineage"][0]["command"] == "train" and ckpt["lineage"][0]["options"]["epochs"] == 3
+    assert ckpt["metrics"]["params"] == count_params(model_from_checkpoint(ckpt))[0]
+    # 3 epochs on 400 real images beats chance (10%) on the 200 test images.
+    assert ckpt["metrics"]["top1"] > 15.0
+
+
+def test_train_cli_json_and_same_seed_same_weights(cli, cifar_small: Path, tmp_path: Path) -> None:
+    base = ["train", "--data", cifar_small, *TINY, "--epochs", "2", "--json"]
+    args = [*base, "--seed", "3"]
+    r1 = cli(*args, "-o", tmp_path / "a.pt")
+    assert r1.code == 0, r1.stderr
+    d = r1.json()
+    assert d["train_images"] == 100 and d["eval_images"] == 100 and len(d["history"]) == 2
+    assert cli(*args, "-o", tmp_path / "b.pt").code == 0
+    a = load_checkpoint(tmp_path / "a.pt")["state_dict"]
+    b = load_checkpoint(tmp_path / "b.pt")["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cli(*base, "--seed", "4", "-o", tmp_path / "c.pt").code == 0
+    c = load_checkpoint(tmp_path / "c.pt")["state_dict"]
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_resume_continues_an_interrupted_run(cli, cifar_small: Path, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import resopt.train as train_mod
+
+    out = tmp_path / "r.pt"
+    args = ["train", "--data", cifar_small, *TINY, "--epochs", "3", "-o", out]
+    original = train_mod.evaluate
+    calls = {"n": 0}
+
+    def dying_evaluate(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the machine "dies" during epoch 2's evaluation
+            raise KeyboardInterrupt
+        return original(*a, **k)
+
+    monkeypatch.setattr(train_mod, "evaluate", dying_evaluate)
+    interrupted = cli(*args)  # Ctrl-C: click reports "Aborted!" and exits non-zero
+    assert interrupted.code != 0
+    assert not out.exists(), "an interrupted run must not leave a checkpoint behind"
+    assert (tmp_path / "r.pt.resume").exists()
+    monkeypatch.setattr(train_mod, "evaluate", original)
+    r = cli(*args, "--resume", "--json")
+    assert r.code == 0, r.stderr
+    assert "resuming from r.pt.resume after epoch 1/3" in r.stderr
+    assert [h["epoch"] for h in r.json()["history"]] == [1, 2, 3]
+    assert out.exists() and not (tmp_path / "r.pt.resume").exists()
+
+
+def test_cosine_schedule_with_warmup() -> None:
+    assert _cosine_with_warmup(0, 100, 10) == pytest.approx(0.1)
+    assert _cosine_with_warmup(9, 100, 10) == pytest.approx(1.0)
+    assert _cosine_with_warmup(10, 100, 10) == pytest.approx(1.0)
+    assert _cosine_with_warmup(55, 100, 10) == pytest.approx(0.5)
+    assert _cosine_with_warmup(100, 100, 10) == pytest.approx(0.0)
+    assert TrainConfig(batch_size=256).base_lr() == pytest.approx(0.2)
+    assert TrainConfig(optimizer="adamw").base_lr() == pytest.approx(1e-3)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epochs", "0"], "Error: --epochs must be at least 1, got 0"),
+    (["--optimizer", "lamb"], "Error: unknown optimizer 'lamb'; choose one of: sgd, adamw"),
+    (["--arch", "resnet21"], "Error: unknown architecture 'resnet21'"),
+    (["--val-split", "1.2"], "Error: --val-split must be in (0, 1), got 1.2"),
+    (["--device", "cuda"], "Error: --device cuda was asked for but no CUDA GPU is visible"),
+])
+def test_train_option_errors(cli, cifar_small: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    if "cuda" in args and torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    r = cli("train", "--data", cifar_small, *TINY, *args, "-o", tmp_path / "x.pt")
+    assert r.code != 0
+    assert r.stderr.splitlines()[0].startswith(message), r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "x.pt").exists()
+
+
+def test_train_data_errors(cli, tmp_path: Path) -> None:
+    r = cli("train", "--data", tmp_path / "missing", "-o", tmp_path / "x.pt")
+    assert r.code == 4 and r.stderr.startswith("Error: data ") and "Hint:" in r.stderr
+    r = cli("train", "-o", tmp_path / "x.pt")
+    assert r.code == 2 and r.stderr.startswith("Error: train needs --data")
+
+
+def test_ddp_two_processes_on_cpu_with_gloo(cifar_small: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ddp.pt"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RESOPT_QUIET": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "resopt", "train", "--data", str(cifar_small), *TINY, "--epochs", "1", "--json", "-o", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    import json
+
+    result = json.loads(proc.stdout)  # exactly one JSON document: only rank 0 reports
+    assert result["world_size"] == 2
+    # 100 images, 50 per process per step, drop_last: 1 step per epoch in each of 2 processes
+    assert load_checkpoint(out)["metrics"]["world_size"] == 2
