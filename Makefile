@@ -1,0 +1,46 @@
+# resopt: the two commands a new user needs are `make demo` and `make test`.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RESOPT := $(VENV)/bin/resopt
+STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+.PHONY: setup demo test test-fast lint bench-cpu bench-prune bench-quant bench-gpu clean
+
+# A virtual environment with resopt and its dev tools. torchvision is left unpinned in pyproject.toml so
+# pip installs the torch it was built for.
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	rm -f $(VENV)/.installed-* && touch $@
+
+setup: $(STAMP)
+
+# The main job: train -> export -> quantize -> bench on the CIFAR-10 subset shipped in examples/.
+demo: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
+
+test: setup
+	$(PY) -m pytest -q --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+bench-cpu: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_cpu.py
+
+bench-prune: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_prune.py
+
+bench-quant: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_quant.py
+
+bench-gpu: setup
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_gpu.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache
