@@ -102,7 +102,14 @@ class OnnxStats:
 
 
 class _Constants:
-    """Evaluates graph values that depend only on initializers and Constant nodes, memoised."""
+    """Evaluates graph values that depend only on initializers and Constant nodes, memoised.
+
+    Which values are constant is decided up front in one forward pass, so asking about an activation
+    costs a set lookup instead of a walk back through the whole network.
+    """
+
+    _NOT_FOLDABLE = {"Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike",
+                     "Multinomial", "Bernoulli"}
 
     def __init__(self, model: onnx.ModelProto) -> None:
         from onnx import numpy_helper
@@ -113,12 +120,23 @@ class _Constants:
         self.producer = {out: node for node in model.graph.node for out in node.output if out}
         self._to_array = numpy_helper.to_array
         self._cache: dict[str, Any] = {}
+        const = set(self.init)
+        changed = True
+        while changed:  # one pass for a topologically sorted graph; more only for a mis-sorted one
+            changed = False
+            for node in model.graph.node:
+                if node.op_type in self._NOT_FOLDABLE or all(o in const for o in node.output if o):
+                    continue
+                if all(i in const for i in node.input if i):
+                    const.update(o for o in node.output if o)
+                    changed = True
+        self.const_names = const
 
     def is_const(self, name: str) -> bool:
-        return self.get(name) is not None
+        return name in self.const_names and self.get(name) is not None
 
     def get(self, name: str) -> np.ndarray | None:
-        if not name:
+        if not name or name not in self.const_names:
             return None
         if name not in self._cache:
             self._cache[name] = None  # guards against cycles in a malformed graph
@@ -131,14 +149,9 @@ class _Constants:
                 return self._to_array(self.init[name])
             except Exception:  # external data that was not loaded
                 return None
-        node = self.producer.get(name)
-        if node is None:
-            return None
+        node = self.producer[name]
         inputs = [self.get(i) if i else None for i in node.input]
         if any(v is None for v, i in zip(inputs, node.input, strict=True) if i):
-            return None
-        if node.op_type in ("Shape", "Size", "RandomNormal", "RandomUniform", "RandomNormalLike",
-                            "RandomUniformLike", "Multinomial", "Bernoulli"):
             return None
         return self._run(node, inputs, name)
 

@@ -200,3 +200,23 @@ def test_unknown_shapes_raise_and_stats_degrade() -> None:
     stats = onnx_stats(model)
     assert (stats.params, stats.nonzero_params, stats.macs, stats.opset) == (72, 72, None, 18)
     assert stats.ops == {"Conv": 1}
+
+
+def test_deep_graph_bias_add_is_found_without_deep_recursion() -> None:
+    # 3000 activations before a dynamically-quantized-style layer: constant detection must not walk back
+    # through them recursively (it used to hit Python's recursion limit and silently miss the bias).
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 5, 5])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3, 5, 5])
+    nodes = [helper.make_node("Relu", ["input" if i == 0 else f"r{i - 1}"], [f"r{i}"]) for i in range(3000)]
+    nodes += [helper.make_node("Conv", ["r2999", "w"], ["c"], pads=[1, 1, 1, 1]),
+              helper.make_node("Mul", ["c", "s"], ["m"]),
+              helper.make_node("Reshape", ["b", "shape"], ["b4"]),
+              helper.make_node("Add", ["m", "b4"], ["y"])]
+    inits = [numpy_helper.from_array(np.ones((3, 2, 3, 3), np.float32), "w"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "s"),
+             numpy_helper.from_array(np.array([1.0, 0.0, 2.0], np.float32), "b"),
+             numpy_helper.from_array(np.array([1, 3, 1, 1], np.int64), "shape")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], initializer=inits),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    assert onnx_param_counts(model) == (54 + 3, 54 + 2)
+    assert onnx_macs(model) == 5 * 5 * 3 * 2 * 9
