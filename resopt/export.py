@@ -1,0 +1,353 @@
+"""Export: a ``.pt`` checkpoint -> a verified, cleaned, stamped ``.onnx``.
+
+``export_onnx`` rebuilds the model from the checkpoint (pruned widths included), exports it with a dynamic
+batch axis (input ``input``, output ``logits``), drops stale value_info, folds constants and removes dead
+nodes with onnx-graphsurgeon, runs ``onnx.checker`` and shape inference, and then compares onnxruntime
+with PyTorch on real images before anything is written. Both exporters fold BatchNorm into the preceding
+Conv in eval mode; the result records how many BatchNormalization nodes are left (0 for every registry
+architecture).
+
+Tolerance
+---------
+``tolerance`` bounds ``max |logits_ort - logits_torch|`` *relative to the logit scale*
+``max(1, max |logits_torch|)``. Two FP32 runtimes that compute the same function differ by rounding
+only: folding BatchNorm and a different convolution algorithm reorder the sums. Measured on every
+registry architecture (width 0.25, trained-like BatchNorm statistics, real CIFAR images), that moved the
+logits by 1e-7 to 1.5e-6 of their magnitude (ResNet-50 the most), so the default 1e-3 leaves a margin
+of almost three orders of magnitude for bigger models and other CPUs. A real export bug (a wrong
+BatchNorm fold, a lost bias, a mis-ordered channel) changes logits by a sizeable fraction of their
+magnitude and lands far above it. Scaling by the logits keeps one number meaningful for a model whose
+logits are of size 3 and one whose logits are of size 300. Top-1 agreement is reported but not gated
+separately: an argmax can only flip where two logits are within twice the max difference of each other,
+so a passing max difference already limits disagreements to near-ties.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resopt.artifacts import (
+    check_output_path,
+    lineage_entry,
+    onnx_meta_from_checkpoint,
+    require_kind,
+    save_onnx,
+    stamp_onnx,
+)
+from resopt.console import log
+from resopt.errors import DataError, InputFileError, UsageError, VerificationError, choice_error
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx
+    import torch
+    from torch import nn
+
+EXPORTERS = ("dynamo", "torchscript")
+MIN_OPSET = 17
+DEFAULT_OPSET = 18
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    opset: int = DEFAULT_OPSET
+    exporter: str = "dynamo"
+    data: str | None = None  # verification images; None: the repository's calib/ set for the model's classes
+    split: str = "test"
+    num_verify: int = 100
+    tolerance: float = 1e-3  # max |ORT - PyTorch| relative to max(1, max |PyTorch logit|)
+    verify_batch: int = 16  # > 1, so the dynamic batch axis is exercised; the last batch is usually smaller
+
+    def validate(self) -> None:
+        import onnx
+
+        if self.exporter not in EXPORTERS:
+            raise choice_error("exporter", self.exporter, EXPORTERS)
+        newest = onnx.defs.onnx_opset_version()
+        if not MIN_OPSET <= self.opset <= newest:
+            raise UsageError(f"--opset {self.opset} is outside the supported range {MIN_OPSET}..{newest}")
+        if self.exporter == "dynamo" and self.opset < 18:
+            # torch's dynamo exporter writes opset 18+ and silently keeps 18 when down-conversion fails.
+            raise UsageError(f"--opset {self.opset} needs --exporter torchscript; the dynamo exporter writes "
+                             f"opset 18 or later")
+        if self.num_verify < 2:
+            raise UsageError(f"--num-verify must be at least 2 (verification runs batches of more than one "
+                             f"image to exercise the dynamic batch axis), got {self.num_verify}")
+        if self.verify_batch < 2:
+            raise UsageError(f"verify_batch must be at least 2, got {self.verify_batch}")
+        if not self.tolerance > 0 or not math.isfinite(self.tolerance):
+            raise UsageError(f"--tolerance must be a positive number, got {self.tolerance}")
+        if self.split not in ("test", "train"):
+            raise choice_error("split", self.split, ("test", "train"))
+
+
+@dataclass(frozen=True)
+class Verification:
+    """onnxruntime vs PyTorch on the same real images."""
+
+    images: int
+    data: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    logit_scale: float
+    allowed_abs_diff: float
+    top1_agreement: float  # fraction of images where both pick the same class
+    batch_sizes: tuple[int, ...]
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.allowed_abs_diff
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    output: Path
+    checkpoint: Path
+    arch: str
+    opset: int
+    exporter: str
+    params: int
+    macs: int
+    file_size: int
+    batchnorm_nodes: int
+    ops: dict[str, int]
+    verification: Verification
+    seconds: float
+
+    def summary(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["output"], d["checkpoint"] = str(self.output), str(self.checkpoint)
+        d["verification"]["batch_sizes"] = list(self.verification.batch_sizes)
+        return d
+
+
+# ------------------------------------------------------------------------------------- data lookup
+
+
+def calib_roots() -> list[Path]:
+    """Where the repository's calibration images live: next to the package, else ./calib."""
+    import resopt
+
+    return [Path(resopt.__file__).resolve().parents[1] / "calib", Path.cwd() / "calib"]
+
+
+def find_calib_set(classes: list[str]) -> Path:
+    """The calib/ image folder whose class folders are exactly ``classes`` (e.g. calib/cifar10).
+
+    calib/ holds one bare ImageFolder per dataset; matching on the class names picks the right one and
+    refuses, instead of silently verifying on unrelated images, for a model trained on other data.
+    """
+    seen: list[Path] = []
+    for root in calib_roots():
+        if not root.is_dir():
+            continue
+        for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
+            subdirs = sorted(p.name for p in candidate.iterdir() if p.is_dir() and not p.name.startswith("."))
+            if subdirs == sorted(classes):
+                return candidate
+            seen.append(candidate)
+    if not seen:
+        raise DataError("no verification images: --data was not given and there is no calib/ folder "
+                        f"(looked in {', '.join(str(r) for r in calib_roots())})",
+                        hint="pass --data with a folder of real images of the model's classes")
+    raise DataError(f"no calib/ set has the model's {len(classes)} classes ({', '.join(classes[:4])}...)",
+                    hint="pass --data with a folder of real images of the model's classes")
+
+
+def load_verify_images(ckpt: dict[str, Any], cfg: ExportConfig) -> tuple[torch.Tensor, str]:
+    """``num_verify`` class-balanced real images with the checkpoint's eval preprocessing."""
+    from torch.utils.data import Subset
+
+    from resopt.artifacts import checkpoint_preprocess
+    from resopt.data import balanced_indices, check_classes, classes_of, load_eval_set, stack_images, targets_of
+
+    spec = cfg.data if cfg.data is not None else str(find_calib_set(list(ckpt["classes"])))
+    dataset = load_eval_set(spec, checkpoint_preprocess(ckpt), split=cfg.split)
+    check_classes(ckpt["classes"], classes_of(dataset), model_name="the checkpoint", data=spec)
+    per_class = math.ceil(cfg.num_verify / max(1, len(ckpt["classes"])))
+    idx = balanced_indices(targets_of(dataset), per_class)[: cfg.num_verify]
+    if len(idx) < 2:
+        raise DataError(f"data {spec} has {len(idx)} {cfg.split} image(s); verification needs at least 2")
+    images, _ = stack_images(Subset(dataset, idx))
+    return images, spec
+
+
+# ------------------------------------------------------------------------------------------ export
+
+
+@contextlib.contextmanager
+def stdout_to_stderr() -> Iterator[None]:
+    """Send everything written to stdout, from Python or from C++, to stderr for the duration.
+
+    stdout carries only results (``resopt export ... --json | jq``); exporters print progress there.
+    """
+    sys.stdout.flush()
+    try:
+        fd = sys.__stdout__.fileno() if sys.__stdout__ is not None else None
+        saved = os.dup(fd) if fd is not None else None
+    except (OSError, ValueError, AttributeError):  # no real stdout (embedded interpreter)
+        fd = saved = None
+    try:
+        if saved is not None and fd is not None:
+            os.dup2(sys.__stderr__.fileno(), fd)
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        if saved is not None and fd is not None:
+            sys.__stdout__.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+
+
+def _torch_export(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) -> onnx.ModelProto:
+    import io
+
+    import onnx
+    import torch
+
+    with stdout_to_stderr(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # the user asked for the legacy exporter
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        if cfg.exporter == "dynamo":
+            program = torch.onnx.export(
+                model, (example,), None, dynamo=True, opset_version=cfg.opset, input_names=["input"],
+                output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
+                optimize=True)
+            return program.model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=cfg.opset, input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                          do_constant_folding=True, verbose=False)
+        return onnx.load_from_string(buf.getvalue())
+
+
+def clean_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold constants, drop dead nodes and sort; then check the graph and re-infer its shapes."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    # Exporters store value_info for initializers; it goes stale when a later rewrite (onnxruntime's
+    # quantizer transposes Gemm weights) changes an initializer's shape, and shape inference then fails.
+    del model.graph.value_info[:]
+    graph = gs.import_onnx(model)
+    graph.fold_constants().cleanup().toposort()
+    cleaned = gs.export_onnx(graph, do_type_check=True)
+    cleaned.producer_name, cleaned.producer_version = model.producer_name, model.producer_version
+    try:
+        onnx.checker.check_model(cleaned, full_check=True)
+        return onnx.shape_inference.infer_shapes(cleaned, check_type=True, strict_mode=True, data_prop=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise InputFileError(f"the exported graph does not pass onnx.checker: {str(e).splitlines()[0][:200]}",
+                             hint="try --exporter torchscript") from None
+
+
+def verify_onnx(model: nn.Module, onnx_bytes: bytes, images: torch.Tensor, *, tolerance: float,
+                batch_size: int, data: str) -> Verification:
+    """Run the same batches through PyTorch and onnxruntime and compare the logits."""
+    import numpy as np
+    import torch
+
+    from resopt.backends.ort_backend import make_session
+
+    session = make_session(onnx_bytes)
+    name = session.get_inputs()[0].name
+    diffs: list[np.ndarray] = []
+    agree = 0
+    scale = 0.0
+    sizes: list[int] = []
+    with torch.inference_mode():
+        for start in range(0, len(images), batch_size):
+            batch = images[start:start + batch_size]
+            ref = model(batch).float().numpy()
+            got = session.run(None, {name: batch.numpy()})[0]
+            if got.shape != ref.shape:
+                raise VerificationError(f"onnxruntime returned logits of shape {got.shape} for a batch of "
+                                        f"{len(batch)}, PyTorch {ref.shape}")
+            diffs.append(np.abs(got.astype(np.float64) - ref.astype(np.float64)).ravel())
+            agree += int((got.argmax(1) == ref.argmax(1)).sum())
+            scale = max(scale, float(np.abs(ref).max()))
+            sizes.append(len(batch))
+    diff = np.concatenate(diffs)
+    max_diff = float(diff.max()) if np.isfinite(diff).all() else float("inf")
+    scale = max(1.0, scale)
+    return Verification(images=len(images), data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
+                        logit_scale=scale, allowed_abs_diff=tolerance * scale,
+                        top1_agreement=agree / len(images), batch_sizes=tuple(sorted(set(sizes), reverse=True)))
+
+
+def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None) -> ExportResult:
+    """Export ``checkpoint`` to ONNX at ``output``, verified against PyTorch on real images."""
+    import torch
+
+    from resopt.onnx_utils import onnx_macs, onnx_param_counts
+    from resopt.train import load_model
+
+    cfg = cfg or ExportConfig()
+    cfg.validate()
+    checkpoint, output = Path(checkpoint), Path(output)
+    require_kind(checkpoint, "pt", hint=f"{checkpoint.name} is already exported; see `resopt info {checkpoint}`")
+    check_output_path(output, checkpoint, suffixes=(".onnx",))
+    t0 = time.perf_counter()
+    model, ckpt = load_model(checkpoint)
+    images, data = load_verify_images(ckpt, cfg)
+
+    log(f"exporting {ckpt['arch']} with the {cfg.exporter} exporter (opset {cfg.opset})")
+    size = int(ckpt["preprocess"]["input_size"])
+    try:
+        proto = _torch_export(model, torch.zeros(2, 3, size, size), cfg)
+    except Exception as e:  # torch.export / TorchScript failures: a model these exporters cannot handle
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        other = "torchscript" if cfg.exporter == "dynamo" else "dynamo"
+        raise InputFileError(f"the {cfg.exporter} exporter failed on {checkpoint.name}: {first}",
+                             hint=f"try --exporter {other}; RESOPT_DEBUG=1 shows the traceback") from e
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset != cfg.opset:
+        raise UsageError(f"the {cfg.exporter} exporter wrote opset {opset}, not the requested {cfg.opset}",
+                         hint=f"use --opset {opset}")
+    proto = clean_onnx(proto)
+
+    verification = verify_onnx(model, proto.SerializeToString(), images, tolerance=cfg.tolerance,
+                               batch_size=cfg.verify_batch, data=data)
+    log(f"verified on {verification.images} images of {data}: max |ORT - PyTorch| = "
+        f"{verification.max_abs_diff:.3g} (allowed {verification.allowed_abs_diff:.3g}), "
+        f"top-1 agreement {100 * verification.top1_agreement:.1f}%")
+    if not verification.passed:
+        raise VerificationError(
+            f"onnxruntime and PyTorch disagree on {verification.images} images: max abs diff "
+            f"{verification.max_abs_diff:.4g} > allowed {verification.allowed_abs_diff:.4g} (tolerance "
+            f"{cfg.tolerance:g} x logit scale {verification.logit_scale:.3g}); top-1 agreement "
+            f"{100 * verification.top1_agreement:.1f}%",
+            hint=f"try --exporter {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}, or raise "
+                 f"--tolerance if the difference is expected")
+
+    params, _ = onnx_param_counts(proto)
+    macs = onnx_macs(proto)
+    ops: dict[str, int] = {}
+    for node in proto.graph.node:
+        ops[node.op_type] = ops.get(node.op_type, 0) + 1
+    bn_nodes = ops.get("BatchNormalization", 0)
+    if bn_nodes:
+        log(f"[yellow]note:[/yellow] {bn_nodes} BatchNormalization node(s) were not folded into a Conv")
+    metrics = {"max_abs_diff": verification.max_abs_diff, "mean_abs_diff": verification.mean_abs_diff,
+               "logit_scale": verification.logit_scale, "top1_agreement": verification.top1_agreement,
+               "verify_images": verification.images, "opset": opset, "exporter": cfg.exporter,
+               "params": params, "macs": macs, "batchnorm_nodes": bn_nodes}
+    options = {"opset": cfg.opset, "exporter": cfg.exporter, "data": data, "split": cfg.split,
+               "num_verify": cfg.num_verify, "tolerance": cfg.tolerance}
+    lineage = list(ckpt.get("lineage", [])) + [
+        lineage_entry("export", options=options, parent=checkpoint, metrics=metrics)]
+    stamp_onnx(proto, onnx_meta_from_checkpoint(ckpt, lineage))
+    save_onnx(proto, output)
+    return ExportResult(output=output, checkpoint=checkpoint, arch=ckpt["arch"], opset=opset,
+                        exporter=cfg.exporter, params=params, macs=macs, file_size=output.stat().st_size,
+                        batchnorm_nodes=bn_nodes, ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+                        verification=verification, seconds=time.perf_counter() - t0)
