@@ -18,8 +18,8 @@ from resopt.errors import ResoptError
 # (name, module, function): pipeline order is help order.
 COMMANDS: list[tuple[str, str, str]] = [
     ("train", "resopt.cli.train", "train_cmd"),
-    # ("distill", "resopt.cli.distill", "distill_cmd"),
-    # ("prune", "resopt.cli.prune", "prune_cmd"),
+    ("distill", "resopt.cli.distill", "distill_cmd"),
+    ("prune", "resopt.cli.prune", "prune_cmd"),
     # ("export", "resopt.cli.export", "export_cmd"),
     # ("quantize", "resopt.cli.quantize", "quantize_cmd"),
     # ("build", "resopt.cli.build", "build_cmd"),

@@ -70,3 +70,20 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
 def default_output(model: Path, suffix: str) -> Path:
     """``r20.pt`` + ``.onnx`` -> ``r20.onnx``; ``r20.onnx`` + ``.int8.onnx`` -> ``r20.int8.onnx``."""
     return model.with_name(model.name[: -len(model.suffix)] + suffix)
+
+
+# Trainer options shared by the commands that train (distill; prune's fine-tuning): same names, same help.
+BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (per process under torchrun).")]
+OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (momentum, Nesterov) or adamw.")]
+MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum.")]
+NesterovOpt = Annotated[bool, typer.Option("--nesterov/--no-nesterov", help="Nesterov momentum for SGD.")]
+WeightDecayOpt = Annotated[float, typer.Option("--weight-decay", "--wd", help="Weight decay (not on BN/bias).")]
+WarmupOpt = Annotated[float, typer.Option("--warmup-epochs", help="Linear warm-up before the cosine decay.")]
+LabelSmoothingOpt = Annotated[float, typer.Option("--label-smoothing", help="Label smoothing for the cross-entropy.")]
+AmpOpt = Annotated[bool, typer.Option("--amp/--no-amp", help="Mixed precision on CUDA (bf16 or fp16).")]
+ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last/--no-channels-last",
+                                               help="channels_last memory format on CUDA.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes [default: auto].")]
+ValSplitOpt = Annotated[float | None, typer.Option(
+    "--val-split", help="Hold out this fraction of train for validation instead of using test/.")]

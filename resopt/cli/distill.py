@@ -1,0 +1,109 @@
+"""``resopt distill``: teacher .pt + student (architecture or .pt) -> student .pt trained on the teacher's outputs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from resopt.cli.common import (
+    AmpOpt,
+    BatchSizeOpt,
+    ChannelsLastOpt,
+    DataOpt,
+    DeviceOpt,
+    JsonOpt,
+    LabelSmoothingOpt,
+    LimitOpt,
+    MomentumOpt,
+    NesterovOpt,
+    OptimizerOpt,
+    SeedOpt,
+    ValSplitOpt,
+    WarmupOpt,
+    WeightDecayOpt,
+    WorkersOpt,
+    emit,
+    human_count,
+    kv_table,
+)
+
+
+def distill_cmd(
+    teacher: Annotated[Path, typer.Option("--teacher", "-t", help="Teacher checkpoint (.pt).", show_default=False)],
+    student: Annotated[str, typer.Option("--student", "-s", help="Student: an architecture name (trained from "
+                                         "scratch; see `resopt info --archs`) or a .pt to continue from.",
+                                         show_default=False)],
+    data: DataOpt = None,
+    output: Annotated[Path, typer.Option("--output", "-o", help="Student checkpoint to write (.pt).")]
+    = Path("student.pt"),
+    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the label cross-entropy; 1 - alpha weighs "
+                                         "the teacher term.")] = 0.5,
+    temperature: Annotated[float, typer.Option("--temperature", "-T", help="Softmax temperature of the teacher "
+                                               "term.")] = 4.0,
+    width: Annotated[float, typer.Option("--width", help="Channel width multiplier of a student built from an "
+                                         "architecture name.")] = 1.0,
+    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 30,
+    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 0.1*batch/128 SGD, "
+                                             "1e-3 AdamW].", show_default=False)] = None,
+    limit_per_class: LimitOpt = None,
+    val_split: ValSplitOpt = None,
+    batch_size: BatchSizeOpt = 128,
+    optimizer: OptimizerOpt = "sgd",
+    momentum: MomentumOpt = 0.9,
+    nesterov: NesterovOpt = True,
+    weight_decay: WeightDecayOpt = 5e-4,
+    warmup_epochs: WarmupOpt = 1.0,
+    label_smoothing: LabelSmoothingOpt = 0.0,
+    amp: AmpOpt = True,
+    channels_last: ChannelsLastOpt = True,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")]
+    = False,
+    json_: JsonOpt = False,
+) -> None:
+    """Distil a teacher into a student: loss = alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T).
+
+    The teacher runs in eval mode without gradients; the student trains with every trainer option of
+    `train` (AMP, cosine schedule, seed, resume, DDP under torchrun). The student's lineage names the
+    teacher by file and sha256.
+
+    Example: resopt distill --teacher r56.pt --student resnet20 --alpha 0.5 --temperature 4 --epochs 30
+    --data cifar10 -o r20.kd.pt
+    """
+    from resopt.distill import DistillConfig, distill_model
+    from resopt.errors import UsageError
+    from resopt.train import DataOptions, TrainConfig
+
+    if data is None:
+        raise UsageError("distill needs --data (the images the teacher was trained on)",
+                         hint="resopt distill --teacher r56.pt --student resnet20 --data cifar10 -o r20.kd.pt")
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
+                      nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+                      label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
+                      device=device, workers=workers)
+    result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed), cfg,
+                           DistillConfig(alpha=alpha, temperature=temperature), output, width=width, resume=resume)
+    emit(result.summary(), json_out=json_, render=_render)
+
+
+def _render(d: dict[str, Any]) -> Any:
+    split = d["eval_split"]
+    rows = [
+        ("teacher", f"{Path(d['teacher']).name}: {human_count(d['teacher_params'])} params, "
+                    f"{human_count(d['teacher_macs'])} MACs"),
+        ("student", f"{d['student_arch']} ({d['student_source']}): {human_count(d['student_params'])} params, "
+                    f"{human_count(d['student_macs'])} MACs"),
+        (f"teacher {split} top-1", f"{d['teacher_top1']:.2f}%"),
+    ]
+    if d["student_top1_before"] is not None:
+        rows.append((f"student {split} top-1 before", f"{d['student_top1_before']:.2f}%"))
+    rows += [
+        (f"student {split} top-1", f"{d['top1']:.2f}% (best epoch {d['best_epoch']})"),
+        ("images", f"{d['train_images']} train / {d['eval_images']} eval"),
+        ("time", f"{d['train_seconds']:.1f}s ({d['train_images_per_sec']:.0f} img/s on {d['device']})"),
+    ]
+    return kv_table(f"distilled -> {d['output']}", rows)

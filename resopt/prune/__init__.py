@@ -1,0 +1,508 @@
+"""Pruning: every compression method of the ResNet pruning studies, as real, smaller checkpoints.
+
+- ``l1-struct`` / ``l2-struct``: remove whole channels ranked by the L1 / L2 norm of their channel
+  group (Torch-Pruning's dependency graph keeps residual additions, depthwise convs and SE gates
+  consistent); one-shot or iterative with fine-tuning between steps; per group, global, per stage /
+  block / layer ratios, or a MACs target. The model physically shrinks and the checkpoint records the
+  new widths.
+- ``sfp``: soft filter pruning: filters are zeroed each epoch of fine-tuning and may grow back; at the
+  end the zeroed channels are removed physically.
+- ``l1-unstruct``: zero individual weights by magnitude (per layer or global), masks kept through
+  fine-tuning and folded into the weights.
+- ``2:4``: two of every four consecutive input-channel weights are zero, the layout of TensorRT's
+  sparse kernels.
+
+``prune_checkpoint`` is the ``prune`` command's work; ``analyze_checkpoint`` its ``--analyze``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resopt.console import log, warn
+from resopt.errors import DataError, UsageError, VerificationError, choice_error
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from resopt.prune.sensitivity import SensitivityReport
+    from resopt.train import DataOptions, FitResult, TrainConfig
+
+METHODS = ("l1-struct", "l2-struct", "l1-unstruct", "2:4", "sfp")
+STRUCTURED = ("l1-struct", "l2-struct", "sfp")
+DEFAULT_STEPS = 5
+DENSE_NOTE = ("dense kernels (onnxruntime, cuDNN) still multiply the zeroed weights: this model is no faster "
+              "and its file no smaller than its parent. For speed use a structured method (l1-struct).")
+NM_NOTE = ("2:4 keeps 2 of every 4 consecutive input-channel weights, the layout of TensorRT's sparse "
+           "tensor-core kernels (Ampere or newer, built with sparsity enabled); ")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    method: str = "l1-struct"
+    sparsity: float | None = None  # structured: fraction of channels removed; unstructured: of weights
+    target_macs: float | None = None  # fraction of the parent's MACs to keep (structured only)
+    global_: bool = False
+    iterative: bool = False
+    steps: int | None = None
+    round_to: int | None = None
+    layer_ratios: str | None = None
+    finetune_epochs: int = 0
+    teacher: Path | None = None
+    alpha: float = 0.5
+    temperature: float = 4.0
+
+    @property
+    def n_steps(self) -> int:
+        return (self.steps or DEFAULT_STEPS) if self.iterative else 1
+
+    def validate(self) -> None:
+        m = self.method
+        if m not in METHODS:
+            raise choice_error("pruning method", m, METHODS)
+        if self.sparsity is not None and self.target_macs is not None:
+            raise UsageError("--sparsity and --target-macs are alternatives; give one of them")
+        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
+            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity}",
+                             hint="it is the fraction removed: 0.5 removes half the channels (or weights)")
+        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
+            raise UsageError(f"--target-macs must be in (0, 1), got {self.target_macs}",
+                             hint="it is the fraction of the parent's MACs to keep: 0.5 halves them")
+        if self.steps is not None and not self.iterative:
+            raise UsageError("--steps needs --iterative", hint=f"resopt prune ... --iterative --steps {self.steps}")
+        if self.iterative and self.n_steps < 2:
+            raise UsageError(f"--steps must be at least 2 with --iterative, got {self.n_steps}")
+        if self.round_to is not None and self.round_to < 1:
+            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.finetune_epochs < 0:
+            raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        if self.layer_ratios is not None:
+            for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
+                                ("--global", self.global_ or None)):
+                if value is not None:
+                    raise UsageError(f"--layer-ratios sets every layer's ratio; it cannot be combined with {flag}")
+        if m == "2:4":
+            for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
+                                ("--global", self.global_ or None), ("--iterative", self.iterative or None),
+                                ("--round-to", self.round_to), ("--layer-ratios", self.layer_ratios)):
+                if value is not None:
+                    raise UsageError(f"--method 2:4 fixes its pattern (2 of every 4 weights); it takes no {flag}")
+        elif m == "l1-unstruct":
+            for flag, value in (("--target-macs", self.target_macs), ("--round-to", self.round_to),
+                                ("--layer-ratios", self.layer_ratios)):
+                if value is not None:
+                    raise UsageError(f"{flag} applies to structured pruning (l1-struct, l2-struct, sfp), "
+                                     f"not to --method l1-unstruct",
+                                     hint="zeroed weights leave the MACs of dense kernels unchanged")
+            if self.sparsity is None:
+                raise UsageError("--method l1-unstruct needs --sparsity (the fraction of weights to zero)")
+        else:
+            if self.sparsity is None and self.target_macs is None and self.layer_ratios is None:
+                raise UsageError(f"--method {m} needs --sparsity, --target-macs or --layer-ratios",
+                                 hint="e.g. --sparsity 0.5 removes half the channels of every layer")
+            if m == "sfp":
+                if self.iterative:
+                    raise UsageError("--method sfp already prunes gradually during fine-tuning; drop --iterative")
+                if self.finetune_epochs < 1:
+                    raise UsageError("--method sfp prunes while fine-tuning; it needs --finetune-epochs >= 1")
+        if self.teacher is not None and self.finetune_epochs < 1:
+            raise UsageError("--teacher distils during fine-tuning; add --finetune-epochs")
+
+
+@dataclass(frozen=True)
+class ModelStats:
+    params: int
+    nonzero_params: int
+    macs: int
+    file_bytes: int
+    top1: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "top1": round(self.top1, 3)}
+
+
+@dataclass
+class PruneResult:
+    output: Path
+    parent: Path
+    method: str
+    before: ModelStats
+    after: ModelStats
+    top1_pruned: float  # after the (last) pruning step, before fine-tuning
+    finetune_epochs: int
+    channel_sparsity: float  # fraction of conv/linear output channels removed (classifier excluded)
+    weight_sparsity: float  # fraction of conv/linear weights that are zero
+    eval_split: str
+    eval_images: int
+    ratio: float | None = None  # the channel ratio used (searched when --target-macs)
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    skipped_layers: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fits: list[FitResult] = field(default_factory=list)
+
+    def metrics(self) -> dict[str, Any]:
+        return {"top1": round(self.after.top1, 3), "top1_before_finetune": round(self.top1_pruned, 3),
+                "parent_top1": round(self.before.top1, 3), "params": self.after.params,
+                "nonzero_params": self.after.nonzero_params, "macs": self.after.macs,
+                "parent_params": self.before.params, "parent_macs": self.before.macs, "method": self.method,
+                "channel_sparsity": round(self.channel_sparsity, 4),
+                "weight_sparsity": round(self.weight_sparsity, 4), "eval_split": self.eval_split,
+                "eval_images": self.eval_images, **({"ratio": round(self.ratio, 4)} if self.ratio else {})}
+
+    def summary(self) -> dict[str, Any]:
+        return {"output": str(self.output), "parent": str(self.parent), "method": self.method,
+                "before": self.before.to_dict(), "after": self.after.to_dict(),
+                "top1_before_finetune": round(self.top1_pruned, 3), "finetune_epochs": self.finetune_epochs,
+                "channel_sparsity": round(self.channel_sparsity, 4),
+                "weight_sparsity": round(self.weight_sparsity, 4),
+                "ratio": None if self.ratio is None else round(self.ratio, 4),
+                "macs_fraction": round(self.after.macs / max(1, self.before.macs), 4),
+                "params_fraction": round(self.after.params / max(1, self.before.params), 4),
+                "eval_split": self.eval_split, "eval_images": self.eval_images, "steps": self.steps,
+                "skipped_layers": self.skipped_layers, "notes": self.notes}
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _load_parent(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    from resopt.artifacts import require_kind
+    from resopt.train import load_model
+
+    require_kind(Path(path), "pt", hint="prune the .pt checkpoint, then export the pruned one: "
+                                        "resopt prune MODEL.pt -o small.pt && resopt export small.pt")
+    return load_model(Path(path))
+
+
+def _prepare(data: DataOptions, ckpt: dict[str, Any], name: str) -> Any:
+    from resopt.artifacts import checkpoint_preprocess
+    from resopt.data import check_classes
+    from resopt.train import prepare_data
+
+    # The parent's preprocessing, never recomputed: the pruned model must see what its parent saw.
+    prepared = prepare_data(data, preprocess=checkpoint_preprocess(ckpt))
+    check_classes(ckpt["classes"], prepared.classes, model_name=name, data=data.data)
+    if prepared.eval is None:
+        raise DataError(f"data {data.data} has no test/ split to measure top-1 on",
+                        hint="add --val-split 0.1 to hold out part of train/")
+    return prepared
+
+
+def _stats(model: nn.Module, input_size: int, file_bytes: int, top1: float) -> ModelStats:
+    from resopt.models import count_macs, count_params
+
+    params, nonzero = count_params(model)
+    return ModelStats(params, nonzero, count_macs(model, input_size), file_bytes, top1)
+
+
+def _weight_sparsity(model: nn.Module) -> float:
+    from resopt.prune.sparse import weight_sparsity
+
+    zeros, total = weight_sparsity(model)
+    return zeros / max(1, total)
+
+
+# ----------------------------------------------------------------------------------------- prune
+
+
+def prune_checkpoint(
+    model_path: Path,
+    cfg: PruneConfig,
+    *,
+    data: DataOptions,
+    train: TrainConfig,
+    output: Path,
+    options: dict[str, Any] | None = None,
+) -> PruneResult:
+    """Prune the checkpoint at ``model_path`` as ``cfg`` says, fine-tune it, verify it, write ``output``."""
+    import torch
+
+    from resopt.artifacts import atomic_output, check_output_path, checkpoint_preprocess, lineage_entry, make_checkpoint
+    from resopt.data import stack_images
+    from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, top1_of
+    from resopt.models import model_from_checkpoint, model_widths
+    from resopt.prune.sensitivity import conv_out_channels
+    from resopt.train import fit
+
+    cfg.validate()
+    model_path = Path(model_path)
+    model, ckpt = _load_parent(model_path)
+    output = check_output_path(Path(output), model_path, suffixes=(".pt", ".pth"))
+    dcfg = DistillConfig(cfg.alpha, cfg.temperature)
+    dcfg.validate()
+    ft_cfg = replace(train, epochs=max(1, cfg.finetune_epochs))
+    ft_cfg.validate()
+    pre = checkpoint_preprocess(ckpt)
+    prepared = _prepare(data, ckpt, model_path.name)
+    loss_fn = None
+    if cfg.teacher is not None:
+        teacher = load_teacher(Path(cfg.teacher), classes=prepared.classes, preprocess=pre, data=data.data)
+        loss_fn = kd_loss_fn(teacher, dcfg, label_smoothing=ft_cfg.label_smoothing)
+
+    def top1(m: nn.Module) -> float:
+        return top1_of(m, prepared.eval, ft_cfg)
+
+    def fine_tune(description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
+        if cfg.finetune_epochs < 1:
+            return None
+        return fit(model, prepared.train, prepared.eval, ft_cfg, loss_fn=loss_fn, hooks=hooks,
+                   description=description)
+
+    size = pre.input_size
+    before = _stats(model, size, model_path.stat().st_size, top1(model))
+    parent_channels = conv_out_channels(model)
+    log(f"pruning {model_path.name} ({ckpt['arch']}, top-1 {before.top1:.2f}% on {len(prepared.eval)} "
+        f"{prepared.eval_split} images) with {cfg.method}")
+    work = _Work(model=model, cfg=cfg, input_size=size, top1=top1, fine_tune=fine_tune, parent_macs=before.macs)
+    if cfg.method in ("l1-struct", "l2-struct"):
+        _run_structured(work)
+    elif cfg.method == "sfp":
+        probe, _ = stack_images(prepared.eval, 32)
+        _run_sfp(work, probe)
+    elif cfg.method == "l1-unstruct":
+        _run_unstructured(work)
+    else:
+        _run_24(work)
+
+    model.eval()
+    after_top1 = top1(model) if work.fits or cfg.method == "sfp" else work.top1_pruned
+    channel_sparsity = 1.0 - conv_out_channels(model) / parent_channels
+    result = PruneResult(output=output, parent=model_path, method=cfg.method,
+                         before=before, after=_stats(model, size, 0, after_top1), top1_pruned=work.top1_pruned,
+                         finetune_epochs=cfg.finetune_epochs, channel_sparsity=channel_sparsity,
+                         weight_sparsity=_weight_sparsity(model), eval_split=prepared.eval_split,
+                         eval_images=len(prepared.eval), ratio=work.ratio, steps=work.steps,  # type: ignore
+                         skipped_layers=work.skipped, notes=work.notes, fits=work.fits)
+    _check_shrunk(result)
+
+    opts = {"method": cfg.method, "sparsity": cfg.sparsity, "target_macs": cfg.target_macs, "global": cfg.global_,
+            "iterative": cfg.iterative, "steps": cfg.n_steps, "round_to": cfg.round_to,
+            "layer_ratios": cfg.layer_ratios, "finetune_epochs": cfg.finetune_epochs,
+            "teacher": None if cfg.teacher is None else str(cfg.teacher),
+            **({"alpha": cfg.alpha, "temperature": cfg.temperature} if cfg.teacher else {}),
+            "data": data.data, "limit_per_class": data.limit_per_class, "val_split": data.val_split,
+            **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"}, **(options or {})}
+    extra = {"teacher": Path(cfg.teacher)} if cfg.teacher is not None else None
+    out_ckpt = make_checkpoint(
+        arch=ckpt["arch"], arch_kwargs=ckpt.get("arch_kwargs", {}), state_dict=model.state_dict(),
+        classes=ckpt["classes"], preprocess=pre, metrics=result.metrics(), widths=model_widths(model),
+        lineage=list(ckpt.get("lineage", [])) + [lineage_entry("prune", options=opts, parent=model_path,
+                                                               metrics=result.metrics(), extra_parents=extra)])
+
+    # The checkpoint must rebuild from its recorded widths alone, into the same function.
+    images, _ = stack_images(prepared.eval, 64)
+    with torch.no_grad():
+        diff = float((model_from_checkpoint(out_ckpt)(images) - model(images)).abs().max())
+    if diff > 1e-4:
+        raise VerificationError(f"the pruned checkpoint does not rebuild into the pruned model (max logit "
+                                f"difference {diff:.3g} on {len(images)} images)")
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        with atomic_output(output) as tmp:
+            torch.save(out_ckpt, tmp)
+            result.after = replace(result.after, file_bytes=tmp.stat().st_size)
+            if cfg.method in STRUCTURED and result.after.file_bytes >= before.file_bytes:
+                raise VerificationError(f"the pruned checkpoint ({result.after.file_bytes} bytes) is not smaller "
+                                        f"than its parent ({before.file_bytes} bytes)")
+    log(f"wrote {output}: params {before.params} -> {result.after.params}, MACs {before.macs} -> "
+        f"{result.after.macs}, top-1 {before.top1:.2f}% -> {result.after.top1:.2f}%")
+    return result
+
+
+@dataclass
+class _Work:
+    """What a method needs from ``prune_checkpoint`` and what it reports back."""
+
+    model: nn.Module
+    cfg: PruneConfig
+    input_size: int
+    top1: Callable[[nn.Module], float]
+    fine_tune: Callable[..., FitResult | None]
+    parent_macs: int
+    top1_pruned: float = math.nan
+    ratio: float | None = None
+    steps: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    fits: list[FitResult] = field(default_factory=list)
+
+    def finetuned(self, description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
+        fit_result = self.fine_tune(description, hooks)
+        if fit_result is not None:
+            self.fits.append(fit_result)
+        return fit_result
+
+
+def _plan(work: _Work) -> tuple[Any, list[Any]]:
+    """The structured plan for ``work.cfg`` (searching the ratio for --target-macs) and the channel groups."""
+    from resopt.prune.structured import StructuredPlan, channel_groups, resolve_layer_ratios, search_ratio
+
+    cfg, model = work.cfg, work.model
+    groups = channel_groups(model, work.input_size)
+    plan = StructuredPlan(p=2 if cfg.method in ("l2-struct", "sfp") else 1, ratio=cfg.sparsity or 0.0,
+                          global_=cfg.global_, round_to=cfg.round_to,
+                          group_ratios=resolve_layer_ratios(model, groups, cfg.layer_ratios)
+                          if cfg.layer_ratios else {})
+    if cfg.target_macs is not None:
+        ratio, macs = search_ratio(model, plan, groups, work.input_size, int(cfg.target_macs * work.parent_macs))
+        log(f"--target-macs {cfg.target_macs:g}: channel ratio {ratio:.4f} leaves {macs / work.parent_macs:.3f} "
+            f"of the MACs")
+        plan = replace(plan, ratio=ratio)
+    work.ratio = None if cfg.layer_ratios else plan.ratio
+    return plan, groups
+
+
+def _step_row(work: _Work, step: int, top1_pruned: float, fit_result: FitResult | None) -> dict[str, Any]:
+    from resopt.models import count_macs, count_params
+
+    params, nonzero = count_params(work.model)
+    row = {"step": step, "params": params, "nonzero_params": nonzero,
+           "macs": count_macs(work.model, work.input_size), "top1_pruned": round(top1_pruned, 3)}
+    if fit_result is not None:
+        row["top1_finetuned"] = round(fit_result.best_top1, 3)
+    return row
+
+
+def _run_structured(work: _Work) -> None:
+    import warnings
+
+    from resopt.prune.structured import make_pruner
+
+    plan, groups = _plan(work)
+    n = work.cfg.n_steps
+    if n > 1 and work.cfg.finetune_epochs < 1:
+        warn("--iterative without --finetune-epochs prunes in steps with nothing in between: the same as one-shot")
+    pruner = make_pruner(work.model, plan, groups, work.input_size, steps=n)
+    for k in range(1, n + 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner.step()
+        work.top1_pruned = work.top1(work.model)
+        label = f"prune step {k}/{n}" if n > 1 else "prune"
+        log(f"{label}: top-1 {work.top1_pruned:.2f}% before fine-tuning")
+        fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune")
+        work.steps.append(_step_row(work, k, work.top1_pruned, fit_result))
+
+
+def _run_sfp(work: _Work, probe: Any) -> None:
+    from resopt.prune.structured import SoftFilterHook
+
+    plan, groups = _plan(work)
+    hook = SoftFilterHook(work.model, plan, groups, work.input_size)
+    zeroed = hook.zero()
+    work.top1_pruned = work.top1(work.model)
+    log(f"sfp: {zeroed} channels zeroed, top-1 {work.top1_pruned:.2f}%; fine-tuning with soft pruning each epoch")
+    work.finetuned("fine-tune sfp", (hook,))
+    diff = hook.remove(work.model, probe)
+    if diff > 1e-4:
+        raise VerificationError(f"removing the soft-pruned channels changed the logits by {diff:.3g}; they were "
+                                f"not all-zero")
+    work.notes.append(f"soft filter pruning zeroed the lowest-norm channels after each of "
+                      f"{hook.epochs_zeroed} epochs, then removed them (logit change {diff:.2g})")
+
+
+def _run_unstructured(work: _Work) -> None:
+    from resopt.prune.sparse import MaskHook, apply_masks, magnitude_masks
+
+    cfg = work.cfg
+    n = cfg.n_steps
+    for k in range(1, n + 1):
+        sparsity = (cfg.sparsity or 0.0) * k / n
+        masks = magnitude_masks(work.model, sparsity, global_=cfg.global_)
+        apply_masks(work.model, masks)
+        work.top1_pruned = work.top1(work.model)
+        label = f"prune step {k}/{n}" if n > 1 else "prune"
+        log(f"{label}: {sparsity:.1%} of the weights zeroed, top-1 {work.top1_pruned:.2f}% before fine-tuning")
+        fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune", (MaskHook(work.model, masks),))
+        # The masks are not re-applied here: the hook must have kept them through fine-tuning.
+        modules = dict(work.model.named_modules())
+        regrown = [name for name, mask in masks.items() if bool((modules[name].weight[~mask] != 0).any())]
+        if regrown:
+            raise VerificationError(f"{len(regrown)} layers regrew pruned weights during fine-tuning "
+                                    f"({', '.join(regrown[:3])})")
+        work.steps.append(_step_row(work, k, work.top1_pruned, fit_result))
+    work.notes.append(DENSE_NOTE)
+
+
+def _run_24(work: _Work) -> None:
+    from resopt.prune.sparse import MaskHook, apply_masks, nm_masks, nm_violations
+
+    masks, skipped = nm_masks(work.model)
+    if not masks:
+        raise UsageError("no conv or linear layer of this model has a multiple of 4 input channels; 2:4 does "
+                         "not apply")
+    work.skipped = [{"layer": s.name, "reason": s.reason} for s in skipped]
+    if skipped:
+        log(f"2:4: {len(masks)} layers sparsified, {len(skipped)} skipped: " +
+            ", ".join(f"{s.name} ({s.reason})" for s in skipped))
+    apply_masks(work.model, masks)
+    work.top1_pruned = work.top1(work.model)
+    fit_result = work.finetuned("fine-tune 2:4", (MaskHook(work.model, masks),))
+    bad = nm_violations(work.model)
+    if bad:
+        raise VerificationError(f"the 2:4 pattern does not hold after fine-tuning in {len(bad)} layers "
+                                f"({', '.join(bad[:3])})")
+    work.steps.append(_step_row(work, 1, work.top1_pruned, fit_result))
+    work.notes.append(NM_NOTE + DENSE_NOTE)
+
+
+def _check_shrunk(result: PruneResult) -> None:
+    b, a = result.before, result.after
+    if result.method in STRUCTURED:
+        if not (a.params < b.params and a.macs < b.macs):
+            raise VerificationError(f"structured pruning removed nothing (params {b.params} -> {a.params}, MACs "
+                                    f"{b.macs} -> {a.macs})",
+                                    hint="raise --sparsity, or lower --round-to (narrow layers round back up)")
+    elif not a.nonzero_params < b.nonzero_params:
+        raise VerificationError(f"pruning zeroed nothing (non-zero params {b.nonzero_params} -> {a.nonzero_params})")
+
+
+# --------------------------------------------------------------------------------------- analyze
+
+
+def analyze_checkpoint(
+    model_path: Path,
+    *,
+    data: DataOptions,
+    method: str = "l1-struct",
+    ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
+    sparsity: float | None = None,
+    target_macs: float | None = None,
+    max_images: int = 2000,
+) -> SensitivityReport:
+    """Per-layer sensitivity of a checkpoint on its validation images, and a ratio proposal for a target."""
+    from resopt.artifacts import checkpoint_preprocess
+    from resopt.data import balanced_indices, stack_images, targets_of
+    from resopt.models import count_macs
+    from resopt.prune.sensitivity import analyze_sensitivity
+    from resopt.prune.structured import channel_groups
+
+    if method not in ("l1-struct", "l2-struct"):
+        raise UsageError(f"--analyze ranks channels by l1-struct or l2-struct norms, not {method!r}")
+    if sparsity is not None and target_macs is not None:
+        raise UsageError("--sparsity and --target-macs are alternatives; give one of them")
+    for flag, v in (("--sparsity", sparsity), ("--target-macs", target_macs)):
+        if v is not None and not 0.0 < v < 1.0:
+            raise UsageError(f"{flag} must be in (0, 1), got {v}")
+    if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
+        raise UsageError(f"--analyze-ratios must be fractions in (0, 1), got {', '.join(map(str, ratios))}")
+    model, ckpt = _load_parent(Path(model_path))
+    prepared = _prepare(data, ckpt, Path(model_path).name)
+    from torch.utils.data import Subset
+
+    targets = targets_of(prepared.eval)
+    per_class = max(1, max_images // max(1, len(set(targets))))
+    subset = Subset(prepared.eval, balanced_indices(targets, per_class, seed=data.seed))
+    images, labels = stack_images(subset)
+    size = checkpoint_preprocess(ckpt).input_size
+    groups = channel_groups(model, size)
+    log(f"sensitivity of {len(groups)} channel groups at ratios {', '.join(f'{r:g}' for r in ratios)} on "
+        f"{len(labels)} {prepared.eval_split} images")
+    target = int(target_macs * count_macs(model, size)) if target_macs is not None else None
+    return analyze_sensitivity(model, groups, images, labels, input_size=size, ratios=tuple(sorted(ratios)),
+                               p=1 if method == "l1-struct" else 2, target_sparsity=sparsity, target_macs=target)
