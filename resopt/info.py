@@ -1,0 +1,205 @@
+"""What a model file is and where it came from, without running it.
+
+``describe_model(path)`` reads a ``.pt`` (as a plain checkpoint, ``weights_only=True``: pickled objects
+are refused, never executed), an ``.onnx`` (its graph and ``resopt.*`` metadata) or an ``.engine`` (its
+JSON sidecar only, so no TensorRT is needed) and returns a ``ModelInfo``. Parameters and MACs of a
+``.pt`` are counted on the rebuilt PyTorch model (BatchNorm scale and shift are parameters there); those
+of an ``.onnx`` on its graph by ``resopt.onnx_utils`` (where BatchNorm is folded into the convolutions),
+so an exported model shows slightly fewer parameters than its checkpoint and the same MACs.
+
+``list_archs()`` describes the model registry and imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resopt.artifacts import Preprocess, artifact_kind, sha256_file
+from resopt.errors import InputFileError
+
+KIND_NAMES = {"pt": "PyTorch checkpoint", "onnx": "ONNX model", "engine": "TensorRT engine"}
+
+# The options and metrics worth a column in the lineage table, per command; anything else is in --json.
+# Names a command does not record are skipped, so the table tolerates older and newer lineages.
+KEY_OPTIONS: dict[str, tuple[str, ...]] = {
+    "train": ("arch", "width", "data", "epochs", "batch_size", "lr", "optimizer", "pretrained"),
+    "distill": ("teacher", "student", "width", "epochs", "alpha", "temperature"),
+    "prune": ("method", "sparsity", "target_macs", "global", "finetune_epochs", "teacher"),
+    "export": ("exporter", "opset", "tolerance", "num_verify"),
+    "quantize": ("mode", "calib_method", "weights", "activations", "num_calib"),
+    "build": ("precision", "build_path", "min_batch", "opt_batch", "max_batch"),
+}
+KEY_METRICS = ("top1", "top5", "parent_top1", "agreement", "max_abs_diff", "top1_agreement", "params",
+               "nonzero_params", "macs", "channel_sparsity", "weight_sparsity", "best_epoch")
+
+
+@dataclass(frozen=True)
+class LineageStep:
+    """One row of the lineage table: the key facts of one command that shaped the artifact."""
+
+    command: str
+    time: str
+    options: dict[str, Any]
+    parent_file: str | None
+    parent_sha256: str | None
+    metrics: dict[str, Any]
+
+    @classmethod
+    def from_entry(cls, entry: dict[str, Any]) -> LineageStep:
+        command = str(entry.get("command", "?"))
+        options = entry.get("options") or {}
+        metrics = entry.get("metrics") or {}
+        keys = KEY_OPTIONS.get(command)
+        if keys is None:  # a command this table does not know: its first few plain options
+            keys = tuple(k for k, v in options.items() if isinstance(v, (str, int, float, bool)))[:5]
+        parent = entry.get("parent") or {}
+        return cls(command=command, time=str(entry.get("time", "")),
+                   options={k: options[k] for k in keys if options.get(k) not in (None, "", [], {})},
+                   parent_file=parent.get("file"), parent_sha256=parent.get("sha256"),
+                   metrics={k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None})
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    kind: str  # pt, onnx, engine
+    format: str  # e.g. "PyTorch checkpoint", "ONNX opset 18, INT8 Q/DQ", "TensorRT engine, fp16"
+    arch: str | None
+    classes: tuple[str, ...]
+    params: int | None
+    nonzero_params: int | None
+    macs: int | None
+    file_size: int
+    sha256: str
+    preprocess: Preprocess | None
+    lineage: tuple[dict[str, Any], ...]  # the full recorded entries, oldest first
+    details: dict[str, Any] = field(default_factory=dict)  # kind-specific: opset and ops, engine build...
+
+    @property
+    def steps(self) -> tuple[LineageStep, ...]:
+        return tuple(LineageStep.from_entry(e) for e in self.lineage)
+
+    def summary(self) -> dict[str, Any]:
+        pre = self.preprocess
+        return {
+            "path": str(self.path), "kind": self.kind, "format": self.format, "arch": self.arch,
+            "num_classes": len(self.classes), "classes": list(self.classes), "params": self.params,
+            "nonzero_params": self.nonzero_params, "macs": self.macs, "file_size": self.file_size,
+            "sha256": self.sha256, "input_size": pre.input_size if pre else None,
+            "mean": list(pre.mean) if pre else None, "std": list(pre.std) if pre else None,
+            "resize": pre.resize if pre else None, "details": self.details,
+            "lineage_steps": [step.__dict__ for step in self.steps], "lineage": list(self.lineage),
+        }
+
+
+# ------------------------------------------------------------------------------------------ kinds
+
+
+def _describe_pt(path: Path) -> dict[str, Any]:
+    from resopt.artifacts import checkpoint_preprocess, load_checkpoint
+    from resopt.models import count_macs, count_params, model_from_checkpoint
+
+    ckpt = load_checkpoint(path)  # weights_only=True: refuses pickled objects without running them
+    try:
+        pre = checkpoint_preprocess(ckpt)
+        model = model_from_checkpoint(ckpt)
+    except KeyError as e:
+        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
+    params, nonzero = count_params(model)
+    base = ckpt.get("arch_kwargs", {})
+    details: dict[str, Any] = {"arch_kwargs": base, "format_version": ckpt.get("format_version")}
+    if ckpt.get("metrics"):
+        details["metrics"] = ckpt["metrics"]
+    return {"format": KIND_NAMES["pt"], "arch": ckpt.get("arch"), "classes": ckpt.get("classes", []),
+            "params": params, "nonzero_params": nonzero, "macs": count_macs(model, pre.input_size),
+            "preprocess": pre, "lineage": ckpt.get("lineage", []), "details": details}
+
+
+def onnx_precision(model: Any) -> str:
+    """A short name for how the graph stores its weights: FP32, FP16, INT8 Q/DQ, INT8 QOperator, ..."""
+    from onnx import TensorProto
+
+    ops = {n.op_type for n in model.graph.node}
+    if "DequantizeLinear" in ops and ops & {"Conv", "Gemm", "MatMul"}:
+        return "INT8 Q/DQ"
+    if ops & {"QLinearConv", "QLinearMatMul", "QGemm"}:
+        return "INT8 QOperator"
+    if ops & {"ConvInteger", "MatMulInteger"}:
+        return "INT8 dynamic"
+    types = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}
+    if TensorProto.FLOAT16 in types and TensorProto.FLOAT not in types:
+        return "FP16"
+    if TensorProto.BFLOAT16 in types and TensorProto.FLOAT not in types:
+        return "BF16"
+    return "FP32"
+
+
+def _describe_onnx(path: Path) -> dict[str, Any]:
+    import onnx
+
+    from resopt.artifacts import load_onnx, read_onnx_meta
+    from resopt.onnx_utils import onnx_stats
+
+    model = load_onnx(path)
+    try:
+        # Random bytes sometimes decode as a protobuf message; the checker tells a model from noise.
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise InputFileError(f"{path} is not a valid ONNX model ({str(e).strip().splitlines()[0][:160]})") \
+            from None
+    if not model.graph.node:
+        raise InputFileError(f"{path} is not a valid ONNX model (its graph has no nodes)")
+    meta = read_onnx_meta(model)
+    stats = onnx_stats(model)
+    pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
+    inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
+              for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
+    details = {"opset": stats.opset, "ops": stats.ops, "inputs": inputs,
+               "producer": f"{model.producer_name} {model.producer_version}".strip(),
+               "resopt_metadata": bool(meta)}
+    return {"format": f"ONNX opset {stats.opset}, {onnx_precision(model)}", "arch": meta.get("arch"),
+            "classes": meta.get("classes", []), "params": stats.params, "nonzero_params": stats.nonzero_params,
+            "macs": stats.macs, "preprocess": pre, "lineage": meta.get("lineage", []), "details": details}
+
+
+def _describe_engine(path: Path) -> dict[str, Any]:
+    from resopt.artifacts import read_artifact_info, read_sidecar
+
+    info = read_artifact_info(path)  # the sidecar: no TensorRT needed
+    side = read_sidecar(path)
+    metrics = {}
+    for entry in info.lineage:  # the latest recorded counts: the engine's own, else its source's
+        metrics.update({k: v for k, v in (entry.get("metrics") or {}).items() if k in ("params", "macs",
+                                                                                     "nonzero_params")})
+    metrics.update({k: side[k] for k in ("params", "macs", "nonzero_params") if side.get(k) is not None})
+    details = {k: v for k, v in side.items() if k not in ("lineage", "classes", "preprocess", "metrics")}
+    precision = side.get("precision")
+    return {"format": KIND_NAMES["engine"] + (f", {precision}" if precision else ""), "arch": info.arch,
+            "classes": info.classes, "params": metrics.get("params"),
+            "nonzero_params": metrics.get("nonzero_params"), "macs": metrics.get("macs"),
+            "preprocess": info.preprocess, "lineage": info.lineage, "details": details}
+
+
+_DESCRIBERS = {"pt": _describe_pt, "onnx": _describe_onnx, "engine": _describe_engine}
+
+
+def describe_model(path: Path) -> ModelInfo:
+    """Everything ``resopt info`` prints about a ``.pt``, ``.onnx`` or ``.engine`` file."""
+    path = Path(path)
+    kind = artifact_kind(path)  # missing file, folder, unknown suffix: InputFileError
+    d = _DESCRIBERS[kind](path)
+    return ModelInfo(path=path, kind=kind, format=d["format"], arch=d["arch"], classes=tuple(d["classes"]),
+                     params=d["params"], nonzero_params=d["nonzero_params"], macs=d["macs"],
+                     file_size=path.stat().st_size, sha256=sha256_file(path), preprocess=d["preprocess"],
+                     lineage=tuple(d["lineage"]), details=d["details"])
+
+
+def list_archs() -> list[dict[str, Any]]:
+    """The model registry: name, description, family, default input size (imports no torch)."""
+    from resopt.models import REGISTRY
+
+    return [{"name": s.name, "description": s.description, "family": s.family,
+             "input_size": s.default_input_size, "pretrained": s.torchvision_name is not None}
+            for s in REGISTRY.values()]
