@@ -21,7 +21,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("distill", "resopt.cli.distill", "distill_cmd"),
     ("prune", "resopt.cli.prune", "prune_cmd"),
     # ("export", "resopt.cli.export", "export_cmd"),
-    # ("quantize", "resopt.cli.quantize", "quantize_cmd"),
+    ("quantize", "resopt.cli.quantize", "quantize_cmd"),
     # ("build", "resopt.cli.build", "build_cmd"),
     ("bench", "resopt.cli.bench", "bench_cmd"),
     # ("info", "resopt.cli.info", "info_cmd"),
