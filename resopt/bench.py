@@ -25,6 +25,11 @@ activations and workspace, not the import of torch or onnxruntime. The kernel's 
 (``/proc/self/clear_refs``) before each chunk, so loading-time transients (two copies of the weights while
 a session is built) are not counted; where that is not available, the number is reported as unknown.
 GPU runners add their own device-memory peak (``Runner.peak_device_memory``).
+
+On the GPU (``--device gpu``) every runner times device-resident batches with CUDA events: ``.engine``
+through TensorRT, ``.onnx`` through onnxruntime's CUDA provider (or its CPU provider, said so, where the
+installed onnxruntime has none), and each ``.pt`` in the ``pt_variants`` it names: FP32, FP16 autocast,
+channels_last, or both, one row each.
 """
 
 from __future__ import annotations
@@ -39,6 +44,12 @@ from typing import Any
 from resopt.errors import EnvironmentMismatchError, MissingDependencyError, ResoptError, UsageError
 
 DEVICES = ("cpu", "gpu")
+# How a .pt runs: eager FP32 as trained, and the usual GPU speed-ups (TorchRunner keyword arguments).
+PT_VARIANTS: dict[str, dict[str, bool]] = {
+    "fp32": {}, "channels-last": {"channels_last": True}, "fp16": {"fp16": True},
+    "fp16-channels-last": {"fp16": True, "channels_last": True},
+}
+DEFAULT_PT_VARIANTS = {"cpu": ("fp32",), "gpu": ("fp32", "fp16", "fp16-channels-last")}
 # Seconds between one worker's chunk and the next worker's: enough for OpenMP and onnxruntime pool threads
 # to stop spin-waiting (well under a millisecond by default), negligible next to a measurement.
 _SETTLE_SECONDS = 0.05
@@ -71,6 +82,19 @@ def parse_batch_sizes(text: str | int | tuple[int, ...] | list[int]) -> tuple[in
     return tuple(sizes)
 
 
+def parse_pt_variants(text: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...] | None:
+    """``"fp32,fp16"`` -> ``("fp32", "fp16")``; None stays None (the device's default)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    for item in items:
+        if item not in PT_VARIANTS:
+            raise UsageError(f"unknown .pt variant {item!r}; choose one or more of: {', '.join(PT_VARIANTS)}")
+    if not items:
+        raise UsageError(f"--pt-variants is empty; choose one or more of: {', '.join(PT_VARIANTS)}")
+    return tuple(dict.fromkeys(items))
+
+
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     try:
@@ -91,6 +115,7 @@ class BenchConfig:
     data: str | None = None  # --data: top-1/top-5 on its test split
     limit_per_class: int | None = None
     eval_batch_size: int = 256
+    pt_variants: tuple[str, ...] | None = None  # None: DEFAULT_PT_VARIANTS[device]
 
     def validate(self) -> None:
         parse_batch_sizes(self.batch_sizes)
@@ -110,6 +135,13 @@ class BenchConfig:
             raise UsageError(f"--limit-per-class must be at least 1, got {self.limit_per_class}")
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class needs --data")
+        fp16 = [v for v in parse_pt_variants(self.pt_variants) or () if PT_VARIANTS[v].get("fp16")]
+        if fp16 and self.device != "gpu":
+            raise UsageError(f"--pt-variants {fp16[0]} needs --device gpu (FP16 autocast runs on CUDA)")
+
+    @property
+    def effective_pt_variants(self) -> tuple[str, ...]:
+        return parse_pt_variants(self.pt_variants) or DEFAULT_PT_VARIANTS[self.device]
 
     @property
     def effective_threads(self) -> int:
@@ -152,6 +184,7 @@ class ModelBench:
     batches: tuple[LatencyStats, ...]
     accuracy: dict[str, float] | None = None  # top1, top5 (percent), images
     load_seconds: float = 0.0
+    variant: str = ""  # a .pt's PT_VARIANTS name; "" for other files
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -183,7 +216,7 @@ class BenchReport:
                 "device": m.device, "file_bytes": m.file_bytes, "params": m.params,
                 "nonzero_params": m.nonzero_params, "macs": m.macs, "input_size": m.input_size,
                 "peak_memory_bytes": m.peak_memory_bytes, "accuracy": m.accuracy,
-                "load_seconds": round(m.load_seconds, 3),
+                "load_seconds": round(m.load_seconds, 3), "variant": m.variant,
                 "batches": [{**asdict(b), "round_p50_ms": list(b.round_p50_ms)} for b in m.batches],
             })
         return {"baseline": str(self.models[0].path) if self.models else None, "config": cfg,
@@ -285,7 +318,13 @@ def host_info(device: str) -> dict[str, Any]:
     if device == "gpu":
         import torch
 
+        from resopt.envinfo import tensorrt_version
+
+        props = torch.cuda.get_device_properties(0)
         info["gpu"] = torch.cuda.get_device_name(0)
+        info["compute_capability"] = f"{props.major}.{props.minor}"
+        info["gpu_memory_bytes"] = int(props.total_memory)
+        info["tensorrt"] = tensorrt_version()[0]
     return info
 
 
@@ -299,6 +338,9 @@ class _Planned:
     classes: list[str]
     input_size: int
     stats: ModelStats
+    device: str = "cpu"  # where this file's worker runs it
+    variant: str = ""
+    options: dict[str, Any] = field(default_factory=dict)  # extra runner keyword arguments
 
 
 def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
@@ -315,12 +357,23 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
         if not backend_available(kind):
             raise MissingDependencyError(f"cannot bench {p}: the .{kind} backend ({BACKENDS[kind][0]}) is not "
                                          f"installed", hint=BACKEND_HINTS.get(kind))
+    onnx_device = cfg.device
     if cfg.device == "gpu":
         import torch
 
         if not torch.cuda.is_available():
             raise EnvironmentMismatchError("--device gpu was asked for but no CUDA GPU is visible to PyTorch",
                                            hint="run on a GPU machine, or use --device cpu")
+        if "onnx" in kinds:
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                from resopt.console import warn
+
+                # Still measured, and labelled CPU in the table, rather than failing the whole comparison.
+                warn("this onnxruntime has no CUDAExecutionProvider, so .onnx files run on the CPU provider "
+                     "(pip install onnxruntime-gpu to run them on the GPU)")
+                onnx_device = "cpu"
     data_classes: list[str] | None = None
     if cfg.data is not None:
         from resopt.data import classes_of, resolve_data
@@ -338,8 +391,14 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
             from resopt.data import check_classes
 
             check_classes(info.classes, data_classes, model_name=str(p), data=str(cfg.data))
-        planned.append(_Planned(p, kind, info.classes, info.preprocess.input_size,
-                                artifact_stats(p, kind, info.preprocess.input_size)))
+        stats = artifact_stats(p, kind, info.preprocess.input_size)
+        if kind == "pt":
+            planned += [_Planned(p, kind, info.classes, info.preprocess.input_size, stats, cfg.device,
+                                 v if len(cfg.effective_pt_variants) > 1 or v != "fp32" else "", PT_VARIANTS[v])
+                        for v in cfg.effective_pt_variants]
+        else:
+            planned.append(_Planned(p, kind, info.classes, info.preprocess.input_size, stats,
+                                    onnx_device if kind == "onnx" else cfg.device))
     return planned
 
 
@@ -380,7 +439,7 @@ def _release_free_memory() -> None:
         pass
 
 
-def _worker_main(conn: Any, path: str, device: str, threads: int) -> None:
+def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[str, Any] | None = None) -> None:
     """Runs in a fresh process: open one runner, then serve timing and accuracy requests until "stop"."""
     # Before torch or onnxruntime is imported: their OpenMP pools read these once.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -401,7 +460,7 @@ def _worker_main(conn: Any, path: str, device: str, threads: int) -> None:
         _release_free_memory()
         baseline = _proc_status("VmRSS")
         t0 = time.perf_counter()
-        runner = cls(Path(path), device=device, threads=threads)
+        runner = cls(Path(path), device=device, threads=threads, **(options or {}))
         load_s = time.perf_counter() - t0
         _release_free_memory()
         conn.send(("ready", {"provider": runner.provider, "device": runner.device,
@@ -440,10 +499,10 @@ def _worker_main(conn: Any, path: str, device: str, threads: int) -> None:
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, ctx: Any, path: Path, device: str, threads: int) -> None:
+    def __init__(self, ctx: Any, path: Path, device: str, threads: int, options: dict[str, Any] | None = None) -> None:
         self.path = path
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, str(path), device, threads), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, str(path), device, threads, options), daemon=True,
                                 name=f"resopt-bench-{path.name}")
         self.proc.start()
         child.close()
@@ -507,7 +566,7 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
         f"interleaved round{'s' * (cfg.rounds > 1)}")
     workers: list[_Worker] = []
     try:
-        workers = [_Worker(ctx, p.path, cfg.device, threads) for p in planned]
+        workers = [_Worker(ctx, p.path, p.device, threads, p.options) for p in planned]
         ready = [w.receive()[1] for w in workers]  # all load at once; timing starts when every one is ready
         per_chunk_iters = max(1, math.ceil(cfg.iters / cfg.rounds))
         per_chunk_seconds = cfg.min_seconds / cfg.rounds
@@ -550,5 +609,5 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
             path=p.path, kind=p.kind, provider=ready[i]["provider"], device=ready[i]["device"],
             file_bytes=p.path.stat().st_size, params=p.stats.params, nonzero_params=p.stats.nonzero_params,
             macs=p.stats.macs, input_size=int(ready[i]["input_size"]), batches=batches, accuracy=accuracy[i],
-            load_seconds=float(ready[i]["load_seconds"])))
+            load_seconds=float(ready[i]["load_seconds"]), variant=p.variant))
     return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host_info(cfg.device))

@@ -27,6 +27,10 @@ def bench_cmd(
     rounds: Annotated[int, typer.Option("--rounds", help="Split each measurement into this many rounds, "
                                                          "interleaved across files, so drifting machine "
                                                          "load hits every file alike.")] = 3,
+    pt_variants: Annotated[str | None, typer.Option("--pt-variants", help="How each .pt runs, one row each: "
+                                                    "fp32, fp16 (autocast), channels-last, fp16-channels-last "
+                                                    "[default: fp32 on cpu; fp32,fp16,fp16-channels-last on "
+                                                    "gpu].")] = None,
     data: DataOpt = None,
     limit_per_class: LimitOpt = None,
     json_: JsonOpt = False,
@@ -37,12 +41,14 @@ def bench_cmd(
     Each file runs in its own worker process, in interleaved rounds; numbers are medians.
 
     Example: resopt bench r20.pt r20.onnx r20.int8.onnx --batch-size 1,8,32 --threads 2 --data cifar10
+
+    On the GPU: resopt bench r18.pt r18.onnx r18.fp16.engine --device gpu --batch-size 1,64,256 --data cifar10
     """
-    from resopt.bench import BenchConfig, bench_models, parse_batch_sizes
+    from resopt.bench import BenchConfig, bench_models, parse_batch_sizes, parse_pt_variants
 
     cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_size), threads=threads, warmup=warmup, iters=iters,
                       min_seconds=min_time, rounds=rounds, device=device, data=data,
-                      limit_per_class=limit_per_class)
+                      limit_per_class=limit_per_class, pt_variants=parse_pt_variants(pt_variants))
     report = bench_models(models, cfg)
     emit(report.to_dict(), json_out=json_, render=render_bench, min_width=160)
 
@@ -61,12 +67,22 @@ def _model_cell(m: dict[str, Any], row: int, rows: int) -> str:
     return name if row == 0 else provider if row == 1 else ""
 
 
+def _memory_cell(b: dict[str, Any], gpu: bool) -> str:
+    host = "?" if b["peak_memory_bytes"] is None else human_bytes(b["peak_memory_bytes"])
+    if not gpu:
+        return host
+    dev = b.get("peak_device_memory_bytes")
+    return f"{host} / {'-' if dev is None else human_bytes(dev)}"
+
+
 def render_bench(d: dict[str, Any]) -> Any:
     """One Rich table: a row per file and batch size; the file's own numbers on its first row."""
     from rich.table import Table
 
     cfg = d["config"]
-    table = Table(title=f"resopt bench ({cfg['device']}, {cfg['threads']} thread{'s' * (cfg['threads'] > 1)})",
+    gpu = cfg["device"] == "gpu"
+    where = f"gpu: {d['host'].get('gpu', '?')}" if gpu else cfg["device"]
+    table = Table(title=f"resopt bench ({where}, {cfg['threads']} thread{'s' * (cfg['threads'] > 1)})",
                   title_justify="left",
                   caption=f"Medians of >= {cfg['iters']} batches / {cfg['min_seconds']:g} s per cell in "
                           f"{cfg['rounds']} interleaved rounds, one process per file; speed-up = throughput "
@@ -74,7 +90,8 @@ def render_bench(d: dict[str, Any]) -> Any:
                           f"per-round medians.",
                   caption_justify="left")
     for name, justify in (("model", "left"), ("size", "right"), ("params", "right"), ("non-zero", "right"),
-                          ("MACs", "right"), ("top-1 / top-5", "right"), ("peak mem", "right"),
+                          ("MACs", "right"), ("top-1 / top-5", "right"),
+                          ("peak mem host / GPU" if gpu else "peak mem", "right"),
                           ("batch", "right"), ("p50 / p90 / p99 ms", "right"), ("img/s", "right"),
                           ("speed-up", "right")):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
@@ -92,7 +109,7 @@ def render_bench(d: dict[str, Any]) -> Any:
                 nonzero if first else "",
                 ("?" if m["macs"] is None else human_count(m["macs"])) if first else "",
                 acc if first else "",
-                "?" if b["peak_memory_bytes"] is None else human_bytes(b["peak_memory_bytes"]),
+                _memory_cell(b, gpu),
                 str(b["batch_size"]),
                 f"{_ms(b['p50_ms'])} / {_ms(b['p90_ms'])} / {_ms(b['p99_ms'])}",
                 f"{b['throughput_ips']:.1f} ±{b['spread_pct'] / 2:.0f}%",
