@@ -173,6 +173,18 @@ def test_pruned_widths_export(tmp_path: Path) -> None:
     assert (5, 8, 3, 3) in w.values() and (8, 5, 3, 3) in w.values()
 
 
+def test_exporter_chatter_goes_to_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    from resopt.export import stdout_to_stderr
+
+    with stdout_to_stderr():
+        print("python-level chatter")
+        os.write(1, b"C-level chatter\n")  # what a C++ exporter writes straight to file descriptor 1
+    print("result")
+    out, err = capfd.readouterr()
+    assert out == "result\n"
+    assert "python-level chatter" in err and "C-level chatter" in err
+
+
 def test_failed_verification_exits_6_and_writes_nothing(cli, trained_pt: Path, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     import resopt.export as export_mod

@@ -80,8 +80,7 @@ def test_fp32_counts_match_the_torch_model(r20: tuple[nn.Module, onnx.ModelProto
 
 
 @pytest.mark.parametrize(("arch", "width", "size", "dynamo"), [
-    ("resnet18-cifar", 0.25, 32, False),
-    ("resnet50", 0.25, 64, False),
+    ("resnet18-cifar", 0.25, 32, False),  # resnet50 (ImageNet stem, bottlenecks): see test_export
 ])
 def test_macs_match_torch_count(arch: str, width: float, size: int, dynamo: bool) -> None:
     model = _randomize_bn(build_model(arch, 10, width=width))
