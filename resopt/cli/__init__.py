@@ -20,11 +20,11 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("train", "resopt.cli.train", "train_cmd"),
     ("distill", "resopt.cli.distill", "distill_cmd"),
     ("prune", "resopt.cli.prune", "prune_cmd"),
-    # ("export", "resopt.cli.export", "export_cmd"),
+    ("export", "resopt.cli.export", "export_cmd"),
     ("quantize", "resopt.cli.quantize", "quantize_cmd"),
     # ("build", "resopt.cli.build", "build_cmd"),
     ("bench", "resopt.cli.bench", "bench_cmd"),
-    # ("info", "resopt.cli.info", "info_cmd"),
+    ("info", "resopt.cli.info", "info_cmd"),
     ("env", "resopt.cli.env", "env_cmd"),
 ]
 
