@@ -315,6 +315,8 @@ def host_info(device: str) -> dict[str, Any]:
         pass
     info: dict[str, Any] = {"host": platform.node(), "cpu": cpu, "cores": available_cores(),
                             "device": device, "versions": library_versions()}
+    if hasattr(os, "getloadavg"):
+        info["load_average"] = round(os.getloadavg()[0], 2)
     if device == "gpu":
         import torch
 
@@ -558,6 +560,9 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
     planned = _preflight(paths, cfg)
     threads = cfg.effective_threads
     n = len(planned)
+    # The 1-minute load average before and after: on a shared machine, the first thing to look at when
+    # numbers look off (a load above the core count means the files competed with other work).
+    load_before = round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None
     # spawn, not fork: a forked child would inherit the parent's torch thread pools (and CUDA state), which
     # is exactly what one process per file is meant to avoid.
     ctx = multiprocessing.get_context("spawn")
@@ -610,4 +615,6 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
             file_bytes=p.path.stat().st_size, params=p.stats.params, nonzero_params=p.stats.nonzero_params,
             macs=p.stats.macs, input_size=int(ready[i]["input_size"]), batches=batches, accuracy=accuracy[i],
             load_seconds=float(ready[i]["load_seconds"]), variant=p.variant))
-    return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host_info(cfg.device))
+    host = host_info(cfg.device)
+    host["load_average"] = {"before": load_before, "after": host.pop("load_average", None)}
+    return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host)
