@@ -74,6 +74,16 @@ def test_atomic_output_leaves_nothing_on_failure(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [target]
 
 
+def test_atomic_output_uses_normal_permissions(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        with atomic_output(tmp_path / "a.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_no_command_overwrites_its_input(tmp_path: Path) -> None:
     src = tmp_path / "m.onnx"
     src.write_text("x")
