@@ -22,7 +22,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("prune", "resopt.cli.prune", "prune_cmd"),
     ("export", "resopt.cli.export", "export_cmd"),
     ("quantize", "resopt.cli.quantize", "quantize_cmd"),
-    # ("build", "resopt.cli.build", "build_cmd"),
+    ("build", "resopt.cli.build", "build_cmd"),
     ("bench", "resopt.cli.bench", "bench_cmd"),
     ("info", "resopt.cli.info", "info_cmd"),
     ("env", "resopt.cli.env", "env_cmd"),
