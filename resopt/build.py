@@ -723,6 +723,20 @@ def _hardware_notes(plan: BuildPlan, here: dict[str, Any], cfg: BuildConfig,
     return notes
 
 
+def _model_counts(model: Any) -> dict[str, int | None]:
+    """Parameters, non-zero parameters and MACs of the source ONNX: an engine cannot be inspected layer by
+    layer, so ``info`` and ``bench`` read these from the sidecar."""
+    from resopt.errors import ResoptError
+    from resopt.onnx_utils import onnx_macs, onnx_param_counts
+
+    params, nonzero = onnx_param_counts(model)
+    try:
+        macs: int | None = int(onnx_macs(model))
+    except ResoptError:  # a shape the inference cannot see through: unknown, not fatal
+        macs = None
+    return {"params": int(params), "nonzero_params": int(nonzero), "macs": macs}
+
+
 def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult:
     """ONNX -> TensorRT engine + sidecar, checked against the ONNX on real images.
 
@@ -806,6 +820,7 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
         "onnx": {"file": onnx_path.name, "path": str(onnx_path), "sha256": sha256_file(onnx_path)},
         "fp16_conversion": fp16_info, "calibration": calib_info, "sparsity": sparse_info,
         "arch": meta.get("arch"), "classes": meta.get("classes", []), "preprocess": preprocess.to_dict(),
+        **_model_counts(model),
     }
 
     runner = TrtRunner(plan=engine_bytes, sidecar=sidecar)

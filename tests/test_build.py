@@ -612,6 +612,7 @@ def test_build_fp16_engine_checks_it_and_the_guard_reads_it(cli, r20_onnx: Path,
     assert side["built_with"] == engine_env_here(trt.__version__)
     assert side["profile"] == {"min": 1, "opt": 64, "max": 64}
     assert side["lineage"][-1]["command"] == "build"
+    assert side["params"] > 0 and side["macs"] > 0  # from the ONNX, for `info` and `bench`
     assert (d["fp16_conversion"] is not None) == (int(trt.__version__.split(".")[0]) >= 11)
     # A rebuild reads the timing cache the first build wrote.
     r2 = cli("build", r20_onnx, "--fp16", "--data", cifar_small, "--max-batch", "64", "--timing-cache", "tc.cache",
