@@ -12,33 +12,8 @@ import pytest
 from conftest import make_subset
 
 
-def _export_onnx(pt: Path, out: Path) -> Path:
-    """A resopt-stamped ONNX of ``pt`` (dynamic batch, BatchNorm folded as torch's exporter does)."""
-    import onnx
-    import torch
-
-    from resopt.artifacts import lineage_entry, onnx_meta_from_checkpoint, save_onnx, stamp_onnx
-    from resopt.train import load_model
-
-    model, ckpt = load_model(pt)
-    size = ckpt["preprocess"]["input_size"]
-    torch.onnx.export(model, torch.zeros(1, 3, size, size), str(out), dynamo=False, opset_version=17,
-                      input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
-    proto = onnx.load(str(out))
-    stamp_onnx(proto, onnx_meta_from_checkpoint(ckpt, ckpt["lineage"] + [lineage_entry("export", parent=pt)]))
-    save_onnx(proto, out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def r20_onnx(trained_pt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _export_onnx(trained_pt, tmp_path_factory.mktemp("bench") / "r20.onnx")
-
-
-@pytest.fixture(scope="module")
-def bench_json(trained_pt: Path, r20_onnx: Path, cifar_small: Path) -> dict:
-    """One real two-file run with tiny iteration counts, shared by the structure/consistency tests."""
+def _run(*args: object) -> tuple[int, str, str]:
+    """``resopt ARGS`` in-process, for module-scoped fixtures (the ``cli`` fixture is per test)."""
     import contextlib
     import io
 
@@ -46,11 +21,25 @@ def bench_json(trained_pt: Path, r20_onnx: Path, cifar_small: Path) -> dict:
 
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run(["bench", str(trained_pt), str(r20_onnx), "--batch-size", "1,4", "--threads", "1",
-                    "--warmup", "1", "--iters", "4", "--min-time", "0", "--rounds", "2",
-                    "--data", str(cifar_small), "--json"])
-    assert code == 0, err.getvalue()
-    return {"doc": json.loads(out.getvalue()), "stderr": err.getvalue()}  # exactly one JSON document
+        code = run([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def r20_onnx(trained_pt: Path, cifar_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bench") / "r20.onnx"
+    code, _, err = _run("export", trained_pt, "-o", out, "--data", cifar_small, "--num-verify", 20)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench_json(trained_pt: Path, r20_onnx: Path, cifar_small: Path) -> dict:
+    """One real two-file run with tiny iteration counts, shared by the structure/consistency tests."""
+    code, out, err = _run("bench", trained_pt, r20_onnx, "--batch-size", "1,4", "--threads", 1, "--warmup", 1,
+                          "--iters", 4, "--min-time", 0, "--rounds", 2, "--data", cifar_small, "--json")
+    assert code == 0, err
+    return {"doc": json.loads(out), "stderr": err}  # json.loads fails on anything but exactly one document
 
 
 def test_json_structure(bench_json: dict, trained_pt: Path, r20_onnx: Path) -> None:
@@ -108,7 +97,7 @@ def test_model_statistics(bench_json: dict, trained_pt: Path, r20_onnx: Path) ->
     params, nonzero = count_params(model)
     assert (pt["params"], pt["nonzero_params"], pt["macs"]) == (params, nonzero, count_macs(model, 32))
     assert ox["macs"] == pt["macs"]
-    # The exporter folds each BatchNorm into the bias-free conv before it: the BN's scale and shift
+    # Where export folds a BatchNorm into the bias-free conv before it, the BN's scale and shift
     # (2 x channels) become the conv's bias (1 x channels); everything else is the same weights.
     graph_has_bn = any(n.op_type == "BatchNormalization" for n in onnx.load(str(r20_onnx)).graph.node)
     folded = 0 if graph_has_bn else sum(m.num_features for m in model.modules() if isinstance(m, nn.BatchNorm2d))
