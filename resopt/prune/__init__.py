@@ -402,8 +402,8 @@ def _run_sfp(work: _Work, probe: Any) -> None:
     if diff > 1e-4:
         raise VerificationError(f"removing the soft-pruned channels changed the logits by {diff:.3g}; they were "
                                 f"not all-zero")
-    work.notes.append(f"soft filter pruning zeroed the lowest-norm channels after each of "
-                      f"{hook.epochs_zeroed} epochs, then removed them (logit change {diff:.2g})")
+    work.notes.append(f"soft filter pruning zeroed the lowest-norm channels at the start and after every epoch "
+                      f"({hook.epochs_zeroed}), then removed them (logit change {diff:.2g})")
 
 
 def _run_unstructured(work: _Work) -> None:

@@ -112,12 +112,14 @@ def make_pruner(model: nn.Module, plan: StructuredPlan, groups: list[ChannelGrou
     modules = dict(model.named_modules())
     ratios = plan.group_ratios or {g.root: plan.ratio for g in groups}
     ratio_dict = {}
+    # Torch-Pruning leaves a group untouched when the ratio would remove all of its channels (a 4-channel
+    # group at 0.8 keeps int(0.8) = 0, and --round-to 8 rounds 5 kept channels down to 0); cap each
+    # group's ratio so it keeps one channel, or one multiple of --round-to.
+    min_keep = plan.round_to or 1
     for g in groups:
         r = ratios.get(g.root, 0.0)
-        if r > 0:
-            # Torch-Pruning leaves a group untouched when the ratio would remove all of its channels (a
-            # 4-channel group at 0.8 keeps int(0.8) = 0); cap so the narrowest groups keep one channel.
-            ratio_dict[modules[g.root]] = min(r, 1.0 - 1.0 / g.channels - 1e-9)
+        if r > 0 and g.channels > min_keep:
+            ratio_dict[modules[g.root]] = min(r, 1.0 - min_keep / g.channels - 1e-9)
     return build_pruner(model, input_size, p=plan.p, ratio=0.0, global_=False, ratio_dict=ratio_dict,
                    round_to=plan.round_to, steps=steps)
 
@@ -128,8 +130,9 @@ def prune_once(model: nn.Module, plan: StructuredPlan, groups: list[ChannelGroup
 
 
 def search_ratio(model: nn.Module, plan: StructuredPlan, groups: list[ChannelGroup], input_size: int,
-                 target_macs: int, *, iterations: int = 12) -> tuple[float, int]:
-    """The smallest channel ratio whose one-shot prune leaves at most ``target_macs`` (bisection).
+                 target_macs: int, *, tolerance: float = 0.005) -> tuple[float, int]:
+    """The smallest channel ratio whose one-shot prune leaves at most ``target_macs`` (bisection to
+    ``tolerance``: half a percent of the channels, below one channel for groups under 200 wide).
 
     Returns the ratio and the MACs it leaves. Each probe prunes a copy, so ``model`` is untouched.
     """
@@ -141,14 +144,21 @@ def search_ratio(model: nn.Module, plan: StructuredPlan, groups: list[ChannelGro
                    groups, input_size)
         return count_macs(probe, input_size)
 
-    hi, lo = MAX_RATIO, 0.0
-    macs_hi = macs_at(hi)
-    if macs_hi > target_macs:
+    # MACs fall with the ratio, except near the top in global mode, where a group that would lose every
+    # channel is left whole: step down until a ratio reaches the target, then bisect below it.
+    lo, fewest = 0.0, None
+    for hi in (MAX_RATIO, 0.9, 0.8, 0.7, 0.6):
+        macs_hi = macs_at(hi)
+        fewest = macs_hi if fewest is None else min(fewest, macs_hi)
+        if macs_hi <= target_macs:
+            break
+    else:
         base = count_macs(model, input_size)
-        raise UsageError(f"--target-macs {target_macs / base:.3g} is out of reach: removing {MAX_RATIO:.0%} of "
-                         f"the channels still leaves {macs_hi / base:.3f} of the MACs",
-                         hint="ask for a larger --target-macs fraction")
-    for _ in range(iterations):
+        hint = f"--round-to {plan.round_to} keeps layers narrower than that whole; lower it" if plan.round_to \
+            else "ask for a larger --target-macs fraction"
+        raise UsageError(f"--target-macs {target_macs / base:.3g} is out of reach: no channel ratio up to "
+                         f"{MAX_RATIO:.0%} leaves fewer than {fewest / base:.3f} of the MACs", hint=hint)
+    while hi - lo > tolerance:
         mid = (lo + hi) / 2
         macs_mid = macs_at(mid)
         if macs_mid <= target_macs:
