@@ -119,6 +119,24 @@ def test_l1_unstruct_zeroes_weights_and_keeps_them_zero(cli, trained_pt: Path, c
             assert not torch.equal(w[w != 0], parent[f"{name}.weight"][w != 0]), name
 
 
+@pytest.mark.slow
+def test_pruned_checkpoint_chains_into_export_quantize_info(cli, trained_pt: Path, cifar_small: Path,
+                                                            tmp_path: Path) -> None:
+    from resopt.artifacts import read_onnx_meta
+
+    pt, onnx, int8 = tmp_path / "l2.pt", tmp_path / "l2.onnx", tmp_path / "l2.int8.onnx"
+    d = _prune(cli, trained_pt, cifar_small, pt, "--method", "l2-struct", "--sparsity", "0.4")
+    r = cli("export", pt, "-o", onnx, "--exporter", "torchscript", "--data", cifar_small, "--num-verify", "20")
+    assert r.code == 0, r.stderr  # export compares onnxruntime with PyTorch on real images itself
+    r = cli("quantize", onnx, "-o", int8, "--num-calib", "40", "--json")
+    assert r.code == 0, r.stderr
+    r = cli("info", int8, "--json")
+    assert r.code == 0, r.stderr
+    info = r.json()
+    assert info["macs"] == d["after"]["macs"] < 0.5 * d["before"]["macs"]
+    assert [e["command"] for e in read_onnx_meta(int8)["lineage"]] == ["train", "prune", "export", "quantize"]
+
+
 def _nm_ok(w: torch.Tensor) -> bool:
     rows = (w.permute(0, 2, 3, 1) if w.ndim == 4 else w).reshape(-1, 4)
     return bool(((rows != 0).sum(1) <= 2).all())
