@@ -11,12 +11,13 @@ from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, default_outpu
 
 
 def quantize_cmd(
-    model: Annotated[Path, typer.Argument(help="FP32 model to quantize (.onnx from `resopt export`).",
+    model: Annotated[Path, typer.Argument(help="FP32 model: .onnx from `resopt export` (a .pt for qat, kmeans, "
+                                          "fixed).",
                                           show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="ONNX file to write [default: "
                                                 "MODEL.<mode>.onnx next to MODEL].", show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", "-m", help="int8 (static, calibrated, Q/DQ), int8-dynamic or "
-                                      "fp16.")] = "int8",
+    mode: Annotated[str, typer.Option("--mode", "-m", help="int8 (static, calibrated, Q/DQ), int8-dynamic, fp16, "
+                                      "qat, kmeans or fixed.")] = "int8",
     target: Annotated[str, typer.Option("--target", help="Q/DQ flavour for --mode int8: cpu (onnxruntime on "
                                         "x86: uint8 activations) or trt (TensorRT: symmetric int8).")] = "cpu",
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Calibration images: a folder (class "
@@ -44,25 +45,51 @@ def quantize_cmd(
     save_calib: Annotated[Path | None, typer.Option("--save-calib", help="Also write the sampled calibration "
                                                     "set to this .npz, for --calib-data later.",
                                                     show_default=False)] = None,
+    max_drop: Annotated[float | None, typer.Option("--max-drop", help="Accuracy guard (--mode int8/fixed, needs "
+                                                   "--data): keep the most sensitive layers in FP32 until top-1 "
+                                                   "drops at most this many points; exit 7 if none does.",
+                                                   show_default=False)] = None,
+    max_exclude: Annotated[int | None, typer.Option("--max-exclude", help="Most layers the guard may keep in "
+                                                    "FP32 [default: a quarter of them].",
+                                                    show_default=False)] = None,
+    clusters: Annotated[int, typer.Option("--clusters", help="--mode kmeans: shared values per layer "
+                                          "(2..256).")] = 256,
+    bits: Annotated[int, typer.Option("--bits", help="--mode fixed: weight bits (2..8).")] = 8,
+    act_bits: Annotated[int | None, typer.Option("--act-bits", help="--mode fixed: also round the inputs of "
+                                                 "every layer to this many bits (2..8) [default: float].",
+                                                 show_default=False)] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="--mode qat: fine-tuning epochs.")] = 3,
+    lr: Annotated[float, typer.Option("--lr", help="--mode qat: peak learning rate (cosine decay).")] = 0.01,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="--mode qat: batch size.")] = 128,
+    amp: Annotated[bool, typer.Option(help="--mode qat: mixed precision on CUDA.")] = True,
+    device: Annotated[str, typer.Option(help="--mode qat: auto, cpu, cuda or cuda:N.")] = "auto",
     seed: SeedOpt = 0,
     json_: JsonOpt = False,
 ) -> None:
-    """Quantize an FP32 ONNX model and verify it against its parent on real images.
+    """Quantize a model and verify the result against its parent on real images.
 
     --mode int8 (default) calibrates activation ranges on real images with the model's own
-    preprocessing and writes a Q/DQ model; its defaults (uint8 activations, int8 per-channel weights,
-    onnxruntime pre-processing) are the fastest with onnxruntime on x86. With --data, top-1/top-5 of the
-    result and its parent are measured on the test split.
+    preprocessing and writes a Q/DQ ONNX: --target cpu (uint8 activations, int8 per-channel weights,
+    onnxruntime pre-processing: the fastest with onnxruntime on x86) or --target trt (symmetric int8,
+    residual adds in INT8, for TensorRT). int8-dynamic and fp16 need no calibration. kmeans (--clusters)
+    and fixed (--bits, --act-bits) take an .onnx or a .pt; qat fine-tunes a .pt with fake quantization
+    (--epochs, --lr, --data) and exports it. With --data, top-1/top-5 of the result and its parent are
+    measured on the test split, and --max-drop keeps the most sensitive layers in FP32 until the drop is
+    within bounds (exit 7 when no setting meets it).
 
     Example: resopt quantize r20.onnx --mode int8 -o r20.int8.onnx --data examples/cifar10-mini
     """
-    from resopt.quantize import QuantizeConfig, quantize_onnx
+    from resopt.quantize import QuantizeConfig, quantize_model
+    from resopt.train import TrainConfig
 
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=0.0, amp=amp, seed=seed,
+                        device=device)
     cfg = QuantizeConfig(mode=mode, target=target, calib_data=calib_data, num_calib=num_calib,
                          calib_method=calib_method, per_channel=not per_tensor, reduce_range=reduce_range,
                          seed=seed, data=data, limit_per_class=limit_per_class, min_agreement=min_agreement,
-                         exclude=_split(exclude), save_calib=save_calib)
-    result = quantize_onnx(model, output or default_output(model, f".{mode}.onnx"), cfg)
+                         exclude=_split(exclude), save_calib=save_calib, max_drop=max_drop,
+                         max_exclude=max_exclude, clusters=clusters, bits=bits, act_bits=act_bits, train=train)
+    result = quantize_model(model, output or default_output(model, f".{mode}.onnx"), cfg)
     emit(result.summary(), json_out=json_, render=_render)
 
 
@@ -87,12 +114,31 @@ def _render(d: dict[str, Any]) -> Any:
     table.add_row("parent (fp32)", p["file"], human_bytes(p["size_bytes"]), _pct(p["top1"]), _pct(p["top5"]))
     table.add_row(d["mode"], r["file"], f"{human_bytes(r['size_bytes'])} ({d['compression']:.1f}x smaller)",
                   _pct(r["top1"]), _pct(r["top5"]))
-    lines = [f"agreement with parent: {d['agreement']:.2f}% of {d['agreement_images']} {d['agreement_on']} images",
+    if d.get("qat"):
+        qa = d["qat"]
+        table.add_row("PTQ int8", "(not written)", "", _pct(qa["top1_ptq"]), "-")
+        table.add_row("QAT fake-quant", "(PyTorch)", "", _pct(qa["top1_qat_fakequant"]), "-")
+    lines = [f"agreement with {d.get('agreement_with', 'parent')}: {d['agreement']:.2f}% of "
+             f"{d['agreement_images']} {d['agreement_on']} images",
              "settings: " + ", ".join(f"{k}={v}" for k, v in s.items())]
+    if d.get("lint"):
+        lint = d["lint"]
+        counts = ", ".join(f"{q}/{t} {op}" for op, (q, t) in lint["counts"].items())
+        lines.append(f"INT8: {counts}; {100 * lint['int8_mac_fraction']:.2f}% of MACs")
+        for la in lint["not_int8"][:12]:
+            lines.append(f"  FP32 {la['op']} {la['name']}: {la['reason']}")
+        if len(lint["not_int8"]) > 12:
+            lines.append(f"  ... and {len(lint['not_int8']) - 12} more (--json)")
+    if d.get("guard"):
+        g = d["guard"]
+        steps = ", ".join(f"{st['excluded']} in FP32: drop {st['drop']:.2f}" for st in g["steps"])
+        lines.append(f"accuracy guard (--max-drop {g['max_drop']:g}): {steps}")
     if d.get("calibration"):
         c = d["calibration"]
         lines.append(f"calibration: {c['images']} images from {c['source']} (sha256 {c['sha256'][:12]})")
-    if d.get("excluded"):
-        lines.append(f"kept in FP32: {', '.join(d['excluded'])}")
+    if d.get("clustered"):
+        worst = min(d["clustered"], key=lambda c: c["sqnr_db"])
+        lines.append(f"k-means: {len(d['clustered'])} weights clustered; lowest weight SQNR "
+                     f"{worst['sqnr_db']:.1f} dB ({worst['weight']})")
     lines.append(f"time: {d['seconds']:.1f}s")
     return Group(table, Text("\n".join(lines)))

@@ -1,19 +1,26 @@
-"""``quantize``: FP32 ONNX -> INT8 (static Q/DQ, calibrated), dynamic INT8 or FP16, checked against its parent.
+"""``quantize``: FP32 model -> INT8 Q/DQ (static, calibrated; cpu or trt flavour), dynamic INT8, FP16, k-means
+weight clustering, N-bit fixed point, or QAT; every result checked against its parent before it is written.
 
-Every result is compared with its parent on real images before it is written: top-1 agreement between
-the two (on the test split with ``--data``, else on the calibration images), and with ``--data`` the
-top-1/top-5 of both. The numbers go into the output's lineage; an agreement below ``min_agreement``
-raises ``VerificationError`` and writes nothing.
+Verification: top-1 agreement between the result and its parent on real images (the ``--data`` test
+split, else the calibration images) and, with ``--data``, top-1/top-5 of both. The numbers go into the
+output's lineage; an agreement below ``min_agreement`` raises ``VerificationError`` and writes nothing.
+With ``max_drop`` the accuracy guard keeps the most sensitive layers in FP32 until the top-1 drop is
+within bounds, or raises ``AccuracyGateError``. Every INT8 result is linted (which layers run in INT8 and
+why not; the fraction of MACs in INT8), and a ``trt`` graph that breaks TensorRT's rules is refused.
 
 The static INT8 defaults are the settings that run fastest with onnxruntime on x86 (see ``ort.py``):
 ORT pre-processing, uint8 activations, int8 per-channel weights, QDQ format.
+
+Modes ``int8``, ``int8-dynamic`` and ``fp16`` take an exported ONNX (quantizing a ``.pt`` directly would
+hide the export and its parity check); ``kmeans`` and ``fixed`` take an ONNX or a ``.pt`` (exported here
+with ``resopt.export.export_onnx``); ``qat`` takes a ``.pt``, since it fine-tunes in PyTorch.
 """
 
 from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,12 +45,20 @@ if TYPE_CHECKING:
 
     from resopt.artifacts import Preprocess
     from resopt.calib import CalibSet
+    from resopt.quantize.lint import QdqLint
+    from resopt.quantize.ort import Ranges
+    from resopt.train import TrainConfig
 
-MODES = ("int8", "int8-dynamic", "fp16")
-# Top-1 agreement (percent) with the parent below which a result is refused. FP16 should change almost
-# nothing; 8-bit quantization of a healthy model keeps well above 90% (ResNet-20: ~97-99%).
-DEFAULT_MIN_AGREEMENT = {"int8": 90.0, "int8-dynamic": 90.0, "fp16": 99.0}
+MODES = ("int8", "int8-dynamic", "fp16", "qat", "kmeans", "fixed")
+ONNX_ONLY_MODES = ("int8", "int8-dynamic", "fp16")
+# Top-1 agreement (percent) with the parent below which a result is refused. FP16 changes almost nothing;
+# 8-bit quantization or 256-cluster k-means of a healthy model keeps well above 90%. Fixed point is a
+# study tool (at 4 bits most predictions change, by design), so it reports without gating. QAT is gated
+# against its fake-quant PyTorch model, which is what its ONNX must reproduce.
+DEFAULT_MIN_AGREEMENT = {"int8": 90.0, "int8-dynamic": 90.0, "fp16": 99.0, "qat": 90.0, "kmeans": 90.0,
+                         "fixed": 0.0}
 DEFAULT_NUM_CALIB = 320
+GUARD_MODES = ("int8", "fixed")
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,12 @@ class QuantizeConfig:
     min_agreement: float | None = None  # None: DEFAULT_MIN_AGREEMENT[mode]
     exclude: tuple[str, ...] = ()
     save_calib: Path | None = None
+    max_drop: float | None = None  # accuracy guard, top-1 points on the --data test split
+    max_exclude: int | None = None  # most layers the guard may keep in FP32 (None: a quarter of them)
+    clusters: int = 256  # kmeans
+    bits: int = 8  # fixed: weight bits
+    act_bits: int | None = None  # fixed: activation bits (None: activations stay float)
+    train: TrainConfig | None = None  # qat fine-tuning (None: 3 epochs at a tenth of the training lr)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -73,14 +94,34 @@ class QuantizeConfig:
             raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
         if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 100.0:
             raise UsageError(f"--min-agreement must be a percentage in [0, 100], got {self.min_agreement}")
-        if self.target == "trt" and self.mode != "int8":
-            raise UsageError(f"--target trt shapes static INT8 Q/DQ; it does not apply to --mode {self.mode}")
+        if self.target == "trt" and self.mode not in ("int8", "qat"):
+            raise UsageError(f"--target trt shapes INT8 Q/DQ (--mode int8 or qat); it does not apply to "
+                             f"--mode {self.mode}")
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class limits the --data test split; pass --data too")
+        if not 2 <= self.clusters <= 256:
+            raise UsageError(f"--clusters must be between 2 and 256 (uint8 indices), got {self.clusters}")
+        if not 2 <= self.bits <= 8:
+            raise UsageError(f"--bits must be between 2 and 8, got {self.bits}")
+        if self.act_bits is not None and not 2 <= self.act_bits <= 8:
+            raise UsageError(f"--act-bits must be between 2 and 8, got {self.act_bits}")
+        if self.max_drop is not None:
+            if self.mode not in GUARD_MODES:
+                raise UsageError(f"--max-drop guards --mode {' or '.join(GUARD_MODES)}, not --mode {self.mode}")
+            if self.data is None:
+                raise UsageError("--max-drop measures the top-1 drop on the --data test split; pass --data",
+                                 hint="resopt quantize m.onnx --mode int8 --max-drop 0.5 --data cifar10")
+            if self.max_drop < 0:
+                raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")
+        if self.max_exclude is not None and (self.max_exclude < 0 or self.max_drop is None):
+            raise UsageError("--max-exclude bounds the accuracy guard: a number >= 0, with --max-drop")
+        if self.mode == "qat" and self.data is None:
+            raise UsageError("--mode qat fine-tunes on the --data train split; pass --data",
+                             hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
 
     @property
     def needs_calibration(self) -> bool:
-        return self.mode == "int8"
+        return self.mode in ("int8", "qat") or (self.mode == "fixed" and self.act_bits is not None)
 
     def agreement_floor(self) -> float:
         return DEFAULT_MIN_AGREEMENT[self.mode] if self.min_agreement is None else self.min_agreement
@@ -88,13 +129,13 @@ class QuantizeConfig:
 
 @dataclass(frozen=True)
 class ModelScore:
-    file: Path
+    file: str
     size_bytes: int
     top1: float | None = None
     top5: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {"file": str(self.file), "size_bytes": self.size_bytes, "top1": self.top1, "top5": self.top5}
+        return {"file": self.file, "size_bytes": self.size_bytes, "top1": self.top1, "top5": self.top5}
 
 
 @dataclass(frozen=True)
@@ -109,6 +150,7 @@ class QuantizeResult:
     agreement_on: str  # "test" (with --data) or "calibration"
     calib: dict[str, Any] | None
     excluded: tuple[str, ...] = ()
+    lint: dict[str, Any] | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -121,11 +163,14 @@ class QuantizeResult:
                 "parent": self.parent.as_dict(), "result": self.result.as_dict(),
                 "compression": round(self.compression, 2), "agreement": self.agreement,
                 "agreement_images": self.agreement_images, "agreement_on": self.agreement_on,
-                "calibration": self.calib, "excluded": list(self.excluded), "seconds": round(self.seconds, 1),
-                **self.extra}
+                "calibration": self.calib, "excluded": list(self.excluded), "lint": self.lint,
+                "seconds": round(self.seconds, 1), **self.extra}
 
 
 # ------------------------------------------------------------------------------------ verification
+
+
+Batches = Iterable[tuple["np.ndarray", "np.ndarray"]]
 
 
 @dataclass
@@ -145,15 +190,13 @@ class Comparison:
         return round(100.0 * self.agree / max(1, self.parent.n), 3)
 
 
-def compare_sessions(parent: Any, result: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
-                     total: int | None = None, description: str = "verify") -> Comparison:
-    """Run both onnxruntime sessions over ``batches``; top-1/top-5 of each and their top-1 agreement."""
+def compare_outputs(parent: Callable[[np.ndarray], np.ndarray], result: Callable[[np.ndarray], np.ndarray],
+                    batches: Batches, *, total: int | None = None, description: str = "verify") -> Comparison:
+    """Run both models (batch -> logits) over ``batches``: top-1/top-5 of each and their top-1 agreement."""
     cmp = Comparison(TopK(), TopK())
-    p_in, r_in = parent.get_inputs()[0].name, result.get_inputs()[0].name
     with progress(description, total=total) as bar:
         for x, y in batches:
-            lp = parent.run(None, {p_in: x})[0]
-            lr = result.run(None, {r_in: x})[0]
+            lp, lr = parent(x), result(x)
             cmp.parent.update(lp, y)
             cmp.result.update(lr, y)
             cmp.agree += int((lp.argmax(1) == lr.argmax(1)).sum())
@@ -161,18 +204,91 @@ def compare_sessions(parent: Any, result: Any, batches: Iterable[tuple[np.ndarra
     return cmp
 
 
-def eval_batches(data: str, pre: Preprocess, classes: list[str], *, per_class: int | None, seed: int,
-                 batch_size: int = 64) -> tuple[Iterator[tuple[np.ndarray, np.ndarray]], int]:
-    """The ``--data`` test split as numpy batches with the model's preprocessing, and the batch count."""
-    from resopt.data import check_classes, classes_of, load_eval_set, make_loader
+def ort_infer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
+    from resopt.backends.ort_backend import make_session
 
-    ds = load_eval_set(data, pre, split="test", per_class=per_class, seed=seed)
-    check_classes(classes, classes_of(ds), model_name="the model", data=data)
-    loader = make_loader(ds, batch_size, shuffle=False)
-    return ((x.numpy(), y.numpy()) for x, y in loader), len(loader)
+    sess = make_session(path)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
 
 
-# ------------------------------------------------------------------------------------------ pipeline
+class EvalImages:
+    """The ``--data`` test split with the model's preprocessing, decoded once when it fits in memory
+    (the guard evaluates many candidate models on it) and streamed otherwise."""
+
+    CACHE_BYTES = 1 << 30
+
+    def __init__(self, data: str, pre: Preprocess, classes: list[str], *, per_class: int | None, seed: int,
+                 batch_size: int = 64) -> None:
+        from resopt.data import check_classes, classes_of, load_eval_set, make_loader
+
+        self.dataset = load_eval_set(data, pre, split="test", per_class=per_class, seed=seed)
+        check_classes(classes, classes_of(self.dataset), model_name="the model", data=data)
+        self._loader = make_loader(self.dataset, batch_size, shuffle=False)
+        self.total = len(self._loader)
+        n = len(self.dataset)  # type: ignore[arg-type]
+        self._cache: list[tuple[np.ndarray, np.ndarray]] | None = \
+            [] if n * 3 * pre.input_size ** 2 * 4 <= self.CACHE_BYTES else None
+        self._complete = False
+
+    def __call__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        if self._cache is not None and self._complete:
+            yield from self._cache
+            return
+        seen = []
+        for x, y in self._loader:
+            batch = (x.numpy(), y.numpy())
+            if self._cache is not None:
+                seen.append(batch)
+            yield batch
+        if self._cache is not None:
+            self._cache, self._complete = seen, True
+
+
+# ------------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class _Source:
+    """The FP32 ONNX being quantized, and what the user passed."""
+
+    onnx: Path
+    given: Path
+    meta: dict[str, Any]
+    pre: Preprocess
+    classes: list[str]
+
+
+def _open_onnx(path: Path, given: Path) -> _Source:
+    proto = load_onnx(path)
+    meta = read_onnx_meta(proto)
+    pre = onnx_preprocess(meta, given)
+    _check_float_model(proto, given)
+    return _Source(path, given, meta, pre, list(meta.get("classes", [])))
+
+
+def _check_float_model(model: Any, path: Path) -> None:
+    """Refuse a model that is already quantized: quantizing Q/DQ again would stack errors silently."""
+    import onnx
+
+    ops = {n.op_type for n in model.graph.node}
+    done = ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger",
+                  "DynamicQuantizeLinear"}
+    if any(i.name.endswith("__codebook") for i in model.graph.initializer):
+        done.add("k-means codebooks")
+    if done:
+        raise InputFileError(f"{path} is already quantized (it has {', '.join(sorted(done))})",
+                             hint="quantize the FP32 ONNX that `resopt export` wrote")
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        raise InputFileError(f"{path} already holds float16 weights", hint="quantize the FP32 export instead")
+
+
+def _export(checkpoint: Path, dst: Path, cfg: QuantizeConfig) -> Path:
+    from resopt.export import ExportConfig, export_onnx
+
+    log(f"exporting {checkpoint} to FP32 ONNX first")
+    export_onnx(checkpoint, dst, ExportConfig(data=cfg.data))
+    return dst
 
 
 def _calib_set(cfg: QuantizeConfig, classes: list[str]) -> CalibSet:
@@ -187,121 +303,6 @@ def _calib_set(cfg: QuantizeConfig, classes: list[str]) -> CalibSet:
     return cs
 
 
-def _settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
-    if cfg.mode == "fp16":
-        return {"weights": "float16", "activations": "float16", "io": "float32"}
-    weights = "int8 per-channel" if cfg.per_channel else "int8 per-tensor"
-    if cfg.mode == "int8-dynamic":
-        return {"weights": weights.replace("int8", "uint8"), "activations": "uint8 dynamic",
-                "reduce_range": reduce_range}
-    acts = "int8 symmetric" if cfg.target == "trt" else "uint8 asymmetric"
-    return {"format": "QDQ", "target": cfg.target, "activations": acts, "weights": weights + " symmetric",
-            "calib_method": cfg.calib_method, "reduce_range": reduce_range, "preprocessed": True}
-
-
-def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
-    """Quantize the FP32 ONNX ``model`` into ``output`` (never over ``model``), verified against it."""
-    from resopt.backends.ort_backend import make_session
-    from resopt.calib import calib_batch_size, calib_batches, save_calib_set
-    from resopt.quantize import ort as q
-
-    t0 = time.perf_counter()
-    cfg.validate()
-    model, output = Path(model), Path(output)
-    if artifact_kind(model) != "onnx":
-        stem = model.name[: -len(model.suffix)]
-        raise InputFileError(f"{model} is a PyTorch checkpoint; --mode {cfg.mode} quantizes an ONNX model",
-                             hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
-    check_output_path(output, model, suffixes=(".onnx",))
-    parent_proto = load_onnx(model)
-    meta = read_onnx_meta(parent_proto)
-    pre = onnx_preprocess(meta, model)
-    classes = list(meta.get("classes", []))
-    _check_float_model(parent_proto, model)
-    del parent_proto
-    reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
-
-    cs = _calib_set(cfg, classes) if (cfg.needs_calibration or cfg.data is None or cfg.save_calib) else None
-    with tempfile.TemporaryDirectory(prefix="resopt-quantize-") as tmp_name:
-        tmp = Path(tmp_name)
-        prepped, quantized = tmp / "prepped.onnx", tmp / "quantized.onnx"
-        q.preprocess_model(model, prepped)
-        _check_excluded_exist(prepped, cfg.exclude)
-        if cfg.mode == "int8":
-            assert cs is not None
-            ranges = q.calibrate(prepped, cs, pre, method=cfg.calib_method, symmetric=cfg.target == "trt",
-                                 workdir=tmp)
-            q.static_qdq(prepped, quantized, ranges, workdir=tmp, target=cfg.target, per_channel=cfg.per_channel,
-                         reduce_range=reduce_range, exclude=cfg.exclude)
-        elif cfg.mode == "int8-dynamic":
-            q.dynamic_int8(prepped, quantized, per_channel=cfg.per_channel, reduce_range=reduce_range,
-                           exclude=cfg.exclude)
-        else:
-            q.float16(prepped, quantized, exclude=cfg.exclude)
-
-        parent_sess, result_sess = make_session(model), make_session(quantized)
-        if cfg.data is not None:
-            batches, total = eval_batches(cfg.data, pre, classes, per_class=cfg.limit_per_class, seed=cfg.seed)
-            on = "test"
-        else:
-            assert cs is not None
-            bs = calib_batch_size(pre)
-            batches, total, on = calib_batches(cs, pre, batch_size=bs), (len(cs) + bs - 1) // bs, "calibration"
-        cmp = compare_sessions(parent_sess, result_sess, batches, total=total, description=f"verify on {on} images")
-        del parent_sess, result_sess
-        if cmp.images == 0:
-            raise DataError(f"no {on} images to verify the quantized model on")
-        floor = cfg.agreement_floor()
-        if cmp.agreement < floor:
-            raise VerificationError(
-                f"{cfg.mode} result agrees with its parent on only {cmp.agreement:.2f}% of {cmp.images} {on} "
-                f"images (minimum {floor:g}%)",
-                hint="try --calib-method percentile or entropy, more --num-calib, --exclude the sensitive "
-                     "layers, or lower --min-agreement")
-
-        labelled = cfg.data is not None
-        parent_score = ModelScore(model, model.stat().st_size, *(_acc(cmp.parent) if labelled else (None, None)))
-        settings = _settings(cfg, reduce_range)
-        metrics: dict[str, Any] = {"agreement": cmp.agreement, "agreement_images": cmp.images, "agreement_on": on,
-                                   "parent_size_bytes": parent_score.size_bytes}
-        if labelled:
-            metrics.update({"top1": round(cmp.result.top1, 3), "top5": round(cmp.result.top5, 3),
-                            "parent_top1": round(cmp.parent.top1, 3), "parent_top5": round(cmp.parent.top5, 3),
-                            "eval_images": cmp.images, "data": cfg.data})
-        options = {"mode": cfg.mode, **settings, "exclude": list(cfg.exclude)}
-        if cs is not None and cfg.needs_calibration:
-            options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
-                            "seed": cfg.seed, "calib_preprocess": pre.to_dict()})
-        _write(quantized, output, meta, parent=model, options=options, metrics=metrics,
-               quantization={"mode": cfg.mode, **settings})
-    if cfg.save_calib is not None and cs is not None:
-        save_calib_set(cs, cfg.save_calib)
-        log(f"saved the calibration set to {cfg.save_calib}")
-    result_score = ModelScore(output, output.stat().st_size, *(_acc(cmp.result) if labelled else (None, None)))
-    return QuantizeResult(output=output, mode=cfg.mode, settings=settings, parent=parent_score,
-                          result=result_score, agreement=cmp.agreement, agreement_images=cmp.images,
-                          agreement_on=on, calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
-                          excluded=cfg.exclude, seconds=time.perf_counter() - t0)
-
-
-def _acc(t: TopK) -> tuple[float, float]:
-    return round(t.top1, 3), round(t.top5, 3)
-
-
-def _check_float_model(model: Any, path: Path) -> None:
-    """Refuse a model that is already quantized: quantizing Q/DQ again would stack errors silently."""
-    ops = {n.op_type for n in model.graph.node}
-    done = ops & {"QuantizeLinear", "DequantizeLinear", "QLinearConv", "ConvInteger", "MatMulInteger",
-                  "DynamicQuantizeLinear"}
-    if done:
-        raise InputFileError(f"{path} is already quantized (it has {', '.join(sorted(done))} nodes)",
-                             hint="quantize the FP32 ONNX that `resopt export` wrote")
-    import onnx
-
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
-        raise InputFileError(f"{path} already holds float16 weights", hint="quantize the FP32 export instead")
-
-
 def _check_excluded_exist(model: Path, exclude: tuple[str, ...]) -> None:
     if not exclude:
         return
@@ -310,9 +311,261 @@ def _check_excluded_exist(model: Path, exclude: tuple[str, ...]) -> None:
     names = {n.name for n in onnx.load(str(model), load_external_data=False).graph.node}
     unknown = [e for e in exclude if e not in names]
     if unknown:
-        sample = ", ".join(sorted(n for n in names if n)[:6])
-        raise UsageError(f"--exclude names no node of the model: {', '.join(unknown)}; nodes are e.g. {sample}",
-                         hint="list the layer names with `resopt quantize MODEL --mode int8 --json` (lint)")
+        from resopt.quantize.lint import lint_qdq
+
+        layers = [la.name for la in lint_qdq(onnx.load(str(model)), target=None).layers][:6]
+        raise UsageError(f"--exclude names no node of the model: {', '.join(unknown)}; its layers are e.g. "
+                         f"{', '.join(layers)}",
+                         hint="the result table's lint and `--json` (lint.layers) list every layer name")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+
+
+def quantize_model(model: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
+    """The command's entry: an ``.onnx`` for every mode but qat; a ``.pt`` for qat, kmeans and fixed."""
+    cfg.validate()
+    model = Path(model)
+    kind = artifact_kind(model)
+    if kind == "pt" and cfg.mode == "qat":
+        from resopt.quantize.qat import quantize_qat
+
+        return quantize_qat(model, output, cfg)
+    if kind == "pt" and cfg.mode in ("kmeans", "fixed"):
+        check_output_path(output, model, suffixes=(".onnx",))
+        with tempfile.TemporaryDirectory(prefix="resopt-export-") as tmp:
+            fp32 = _export(model, Path(tmp) / (model.stem + ".onnx"), cfg)
+            return quantize_onnx(fp32, output, cfg, given=model)
+    return quantize_onnx(model, output, cfg)
+
+
+def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path | None = None) -> QuantizeResult:
+    """Quantize the FP32 ONNX ``model`` into ``output`` (never over ``model``), verified against it.
+
+    ``given``: the file the user passed when ``model`` is an export made on the way (lineage parent).
+    """
+    t0 = time.perf_counter()
+    cfg.validate()
+    model, output = Path(model), Path(output)
+    given = Path(given) if given is not None else model
+    kind = artifact_kind(model)
+    if cfg.mode == "qat":
+        raise UsageError(f"--mode qat fine-tunes in PyTorch; it takes the .pt checkpoint, not {model.name}",
+                         hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
+    if kind != "onnx":
+        stem = model.name[: -len(model.suffix)]
+        raise InputFileError(f"{model} is a PyTorch checkpoint; --mode {cfg.mode} quantizes an ONNX model",
+                             hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
+    check_output_path(output, model, given, suffixes=(".onnx",))
+    src = _open_onnx(model, given)
+    cs = _calib_set(cfg, src.classes) if (cfg.needs_calibration or cfg.data is None or cfg.save_calib) else None
+    evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
+        if cfg.data is not None else None
+    with tempfile.TemporaryDirectory(prefix="resopt-quantize-") as tmp_name:
+        tmp = Path(tmp_name)
+        produced = _produce(src, cfg, cs, evals, tmp)
+        result = _verify_and_write(src, output, cfg, cs, evals, produced, t0=t0)
+    if cfg.save_calib is not None and cs is not None:
+        from resopt.calib import save_calib_set
+
+        save_calib_set(cs, cfg.save_calib)
+        log(f"saved the calibration set to {cfg.save_calib}")
+    return result
+
+
+@dataclass
+class _Produced:
+    """A quantized model in the work folder, with what the report and the lineage say about it."""
+
+    path: Path
+    settings: dict[str, Any]
+    reasons: dict[str, str] = field(default_factory=dict)  # node -> why it stays FP32
+    options: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    excluded: tuple[str, ...] = ()
+    reference: Callable[[np.ndarray], np.ndarray] | None = None  # what agreement is measured against
+    reference_name: str = "parent"
+    parent_acc: tuple[float, float] | None = None  # parent top-1/top-5 when the reference is not the parent
+
+
+def _settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    weights = "int8 per-channel" if cfg.per_channel else "int8 per-tensor"
+    if cfg.mode == "fp16":
+        return {"weights": "float16", "activations": "float16", "io": "float32"}
+    if cfg.mode == "int8-dynamic":
+        return {"weights": weights.replace("int8", "uint8"), "activations": "uint8 dynamic",
+                "reduce_range": reduce_range}
+    if cfg.mode == "kmeans":
+        return {"clusters": cfg.clusters, "weights": "uint8 indices + float32 codebook", "activations": "float32"}
+    if cfg.mode == "fixed":
+        return {"bits": cfg.bits, "weights": f"{cfg.bits}-bit fixed point per layer",
+                "activations": f"{cfg.act_bits}-bit fixed point per layer" if cfg.act_bits else "float32",
+                **({"calib_method": "minmax"} if cfg.act_bits else {})}
+    acts = "int8 symmetric" if cfg.target == "trt" else "uint8 asymmetric"
+    return {"format": "QDQ", "target": cfg.target, "activations": acts, "weights": weights + " symmetric",
+            "calib_method": cfg.calib_method, "reduce_range": reduce_range, "preprocessed": True}
+
+
+def static_builder(prepped: Path, ranges: Ranges, cfg: QuantizeConfig, workdir: Path, reduce_range: bool) -> Any:
+    """The guard's ``build``: static Q/DQ of ``prepped`` with fixed ranges and chosen exclusions."""
+    from resopt.quantize import ort as q
+
+    def build(dst: Path, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> None:
+        q.static_qdq(prepped, dst, ranges, workdir=workdir, target=cfg.target, per_channel=cfg.per_channel,
+                     reduce_range=reduce_range, exclude=exclude, include=only)
+
+    return build
+
+
+def _produce(src: _Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalImages | None,
+             tmp: Path) -> _Produced:
+    from resopt.quantize import ort as q
+
+    reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+    prepped, out = tmp / "prepped.onnx", tmp / "quantized.onnx"
+    q.preprocess_model(src.onnx, prepped)
+    _check_excluded_exist(prepped, cfg.exclude)
+    produced = _Produced(out, _settings(cfg, reduce_range), reasons=dict.fromkeys(cfg.exclude, "--exclude"))
+    ranges = None
+    if cs is not None and cfg.needs_calibration:
+        ranges = q.calibrate(prepped, cs, src.pre, method=cfg.calib_method if cfg.mode != "fixed" else "minmax",
+                             symmetric=cfg.target == "trt", workdir=tmp)
+        produced.options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
+                                 "seed": cfg.seed, "calib_preprocess": src.pre.to_dict()})
+
+    if cfg.mode == "int8":
+        assert ranges is not None
+        build = static_builder(prepped, ranges, cfg, tmp, reduce_range)
+        if cfg.max_drop is None:
+            build(out, exclude=cfg.exclude)
+        else:
+            _guard(produced, build, src, prepped, cfg, cs, evals, tmp)
+    elif cfg.mode == "int8-dynamic":
+        q.dynamic_int8(prepped, out, per_channel=cfg.per_channel, reduce_range=reduce_range, exclude=cfg.exclude)
+    elif cfg.mode == "fp16":
+        q.float16(prepped, out, exclude=cfg.exclude)
+    elif cfg.mode == "kmeans":
+        from resopt.quantize.kmeans import cluster_weights
+
+        layers = cluster_weights(prepped, out, clusters=cfg.clusters, exclude=cfg.exclude)
+        produced.metrics["weight_sqnr_db_min"] = round(min((la.sqnr_db for la in layers), default=0.0), 2)
+        produced.extra["clustered"] = [{"weight": la.weight, "elements": la.elements, "clusters": la.clusters,
+                                        "sqnr_db": round(la.sqnr_db, 2)} for la in layers]
+    else:  # fixed
+        from resopt.quantize.fixed import fixed_point
+
+        formats: dict[str, dict[str, str]] = {}
+
+        def build_fixed(dst: Path, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> None:
+            formats.clear()
+            formats.update(fixed_point(prepped, dst, bits=cfg.bits, act_bits=cfg.act_bits, ranges=ranges,
+                                       exclude=exclude, only=only))
+
+        if cfg.max_drop is None:
+            build_fixed(out, exclude=cfg.exclude)
+        else:
+            _guard(produced, build_fixed, src, prepped, cfg, cs, evals, tmp)
+        produced.extra["formats"] = dict(formats)
+    produced.excluded = tuple(produced.reasons)
+    return produced
+
+
+def _guard(produced: _Produced, build: Any, src: _Source, prepped: Path, cfg: QuantizeConfig,
+           cs: CalibSet | None, evals: EvalImages | None, tmp: Path) -> None:
+    import numpy as np
+    import onnx
+
+    from resopt.calib import calib_batches
+    from resopt.quantize.guard import run_guard
+    from resopt.quantize.lint import lint_qdq
+
+    assert evals is not None and cfg.max_drop is not None
+    if cs is None:
+        from resopt.calib import find_default_calib, load_calib_set
+
+        cs = load_calib_set(cfg.calib_data or find_default_calib(src.classes), num=cfg.num_calib, seed=cfg.seed)
+    layers = [la.name for la in lint_qdq(onnx.load(str(prepped))).layers
+              if cfg.mode != "fixed" or la.op != "Add"]  # fixed point leaves adds in float
+    images = np.concatenate([x for x, _ in calib_batches(cs, src.pre, batch_size=64, limit=64)])
+    g = run_guard(build, fp32=prepped, layers=layers, base_exclude=cfg.exclude, max_drop=cfg.max_drop,
+                  max_exclude=cfg.max_exclude, eval_batches=evals, calib_images=images, workdir=tmp,
+                  output=produced.path)
+    sens = dict(g.sensitivity)
+    for node in g.chosen.excluded:
+        if node not in produced.reasons:
+            produced.reasons[node] = f"accuracy guard (logit SQNR {sens[node]:.1f} dB when quantized alone)"
+    produced.options.update({"max_drop": cfg.max_drop, "max_exclude": cfg.max_exclude,
+                             "guard_excluded": [n for n in g.chosen.excluded if n not in cfg.exclude]})
+    produced.metrics["guard_drop"] = round(g.chosen.drop, 3)
+    produced.extra["guard"] = g.summary()
+
+
+def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: CalibSet | None,
+                      evals: EvalImages | None, produced: _Produced, *, t0: float,
+                      lineage_parent: Path | None = None) -> QuantizeResult:
+    import onnx
+
+    from resopt.calib import calib_batch_size, calib_batches
+    from resopt.quantize.lint import lint_qdq
+
+    if evals is not None:
+        batches: Batches = evals()
+        total, on = evals.total, "test"
+    else:
+        assert cs is not None
+        bs = calib_batch_size(src.pre)
+        batches, total, on = calib_batches(cs, src.pre, batch_size=bs), (len(cs) + bs - 1) // bs, "calibration"
+    reference = produced.reference or ort_infer(src.onnx)
+    cmp = compare_outputs(reference, ort_infer(produced.path), batches, total=total,
+                          description=f"verify on {on} images")
+    if cmp.images == 0:
+        raise DataError(f"no {on} images to verify the quantized model on")
+    floor = cfg.agreement_floor()
+    if cmp.agreement < floor:
+        raise VerificationError(
+            f"{cfg.mode} result agrees with its {produced.reference_name} on only {cmp.agreement:.2f}% of "
+            f"{cmp.images} {on} images (minimum {floor:g}%)",
+            hint="try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
+                 "--exclude the sensitive layers, or lower --min-agreement")
+
+    lint: QdqLint | None = None
+    if cfg.mode in ("int8", "qat", "int8-dynamic") or (cfg.mode == "fixed" and cfg.act_bits):
+        lint = lint_qdq(onnx.load(str(produced.path)), target=cfg.target if cfg.mode in ("int8", "qat") else None,
+                        reasons=produced.reasons)
+        if lint.issues:
+            raise VerificationError(f"the --target {cfg.target} graph breaks the target's Q/DQ rules: "
+                                    f"{'; '.join(lint.issues[:3])}{' ...' if len(lint.issues) > 3 else ''}")
+
+    labelled = evals is not None
+    ref_is_parent = produced.reference is None
+    parent_file = str(src.given) if src.given == src.onnx else f"{src.given} (as FP32 ONNX)"
+    parent_acc = (_acc(cmp.parent) if ref_is_parent else produced.parent_acc) if labelled else None
+    parent_score = ModelScore(parent_file, src.onnx.stat().st_size, *(parent_acc or (None, None)))
+    metrics: dict[str, Any] = {"agreement": cmp.agreement, "agreement_images": cmp.images, "agreement_on": on,
+                               "parent_size_bytes": parent_score.size_bytes, **produced.metrics}
+    if labelled:
+        metrics.update({"top1": round(cmp.result.top1, 3), "top5": round(cmp.result.top5, 3),
+                        "eval_images": cmp.images, "data": cfg.data})
+        if parent_acc is not None:
+            metrics.update({"parent_top1": parent_acc[0], "parent_top5": parent_acc[1]})
+    if lint is not None:
+        metrics["int8_mac_fraction"] = round(lint.int8_mac_fraction, 4)
+    options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options}
+    _write(produced.path, output, src.meta, parent=lineage_parent or src.given, options=options, metrics=metrics,
+           quantization={"mode": cfg.mode, **produced.settings})
+    result_score = ModelScore(str(output), output.stat().st_size, *(_acc(cmp.result) if labelled else (None, None)))
+    return QuantizeResult(output=output, mode=cfg.mode, settings=produced.settings, parent=parent_score,
+                          result=result_score, agreement=cmp.agreement, agreement_images=cmp.images,
+                          agreement_on=on,
+                          calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
+                          excluded=produced.excluded, lint=lint.summary() if lint is not None else None,
+                          seconds=time.perf_counter() - t0,
+                          extra={**produced.extra, "agreement_with": produced.reference_name})
+
+
+def _acc(t: TopK) -> tuple[float, float]:
+    return round(t.top1, 3), round(t.top5, 3)
 
 
 def _write(src: Path, output: Path, parent_meta: dict[str, Any], *, parent: Path, options: dict[str, Any],

@@ -99,17 +99,14 @@ class Ranges:
         save_tensors_data(self.data, path)
         return path
 
-    def absmax(self, name: str) -> float | None:
-        if name not in self.data:
-            return None
-        lo, hi = self.data[name].range_value
-        return float(max(abs(float(lo)), abs(float(hi))))
-
     def minmax(self, name: str) -> tuple[float, float] | None:
+        """The calibrated (low, high) of tensor ``name`` (per-tensor; None if it was not calibrated)."""
+        import numpy as np
+
         if name not in self.data:
             return None
         lo, hi = self.data[name].range_value
-        return float(lo), float(hi)
+        return float(np.min(lo)), float(np.max(hi))
 
 
 def calibrate(model: Path, cs: CalibSet, pre: Preprocess, *, method: str, symmetric: bool, workdir: Path,
@@ -163,7 +160,8 @@ def static_qdq(src: Path, dst: Path, ranges: Ranges, *, workdir: Path, target: s
                   "percentile": CalibrationMethod.Percentile}[ranges.method]
     extra: dict[str, Any] = {"WeightSymmetric": True}
     if target == "trt":
-        extra["ActivationSymmetric"] = True
+        # TensorRT's DequantizeLinear takes int8 only: biases stay FP32 (it folds them into the INT8 layer).
+        extra.update({"ActivationSymmetric": True, "QuantizeBias": False})
         activation_type, op_types = QuantType.QInt8, list(TRT_INT8_OPS)
     else:
         activation_type, op_types = QuantType.QUInt8, None
