@@ -317,6 +317,9 @@ def host_info(device: str) -> dict[str, Any]:
                             "device": device, "versions": library_versions()}
     if hasattr(os, "getloadavg"):
         info["load_average"] = round(os.getloadavg()[0], 2)
+    # How idle pool threads wait (PyTorch's OpenMP, and onnxruntime's pool through make_session): it
+    # changes CPU timings severalfold on a busy machine, so the report says which rule applied.
+    info["omp_wait_policy"] = os.environ.get("OMP_WAIT_POLICY", "")
     if device == "gpu":
         import torch
 

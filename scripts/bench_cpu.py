@@ -136,7 +136,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{host['cpu']}, {host['cores']} cores available, {cfg['threads']} intra-op threads, batch "
         f"{cfg['batch_size']}; torch {host['versions'].get('torch', '?')}, onnxruntime "
         f"{host['versions'].get('onnxruntime', '?')}. 1-minute load average {load.get('before')} before and "
-        f"{load.get('after')} after the speed run (above {host['cores']} means other work competed).", "",
+        f"{load.get('after')} after the speed run (above {host['cores']} means other work competed); idle pool "
+        f"threads wait {host.get('omp_wait_policy') or 'ACTIVE'} in both runtimes (OMP_WAIT_POLICY).", "",
         f"Speed: one `resopt bench` run over all six files ({cfg['method']}); >= {cfg['iters']} batches and "
         f">= {cfg['min_seconds']:g} s per file in {cfg['rounds']} rounds. Latency per batch of "
         f"{cfg['batch_size']}; img/s = batch / p50; ± = spread of the per-round medians. Peak memory: "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,12 @@ def make_session(path: Path | bytes, *, device: str = "cpu", threads: int | None
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() == "PASSIVE":
+        # The same waiting policy as PyTorch's OpenMP threads (resopt defaults to PASSIVE, see
+        # resopt/__init__.py), so bench compares the runtimes under one rule. Spinning pool threads also
+        # hurt onnxruntime on a busy machine: resnet18-cifar INT8, batch 8, 2 threads, load average 7 on
+        # 2 cores: 108 ms per batch spinning, 68 ms passive.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     providers = ["CPUExecutionProvider"]
     if device in ("gpu", "cuda"):
         if "CUDAExecutionProvider" not in ort.get_available_providers():
