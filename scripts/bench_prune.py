@@ -6,8 +6,8 @@ Everything goes through the real commands (``resopt train / prune / export / ben
 
 1. the parent is trained on ``--data`` (or given with ``--model``);
 2. children: l1-struct at 30/50/70% of each layer's channels, l1-struct at half the parent's MACs
-   (``--target-macs 0.5``, plain and with ``--round-to 8``), l1-unstruct at 50% of the weights, and 2:4;
-   each fine-tuned ``--finetune-epochs`` on the same data;
+   (``--target-macs 0.5``: per layer, per layer with ``--round-to 8``, and global with ``--round-to 8``),
+   l1-unstruct at 50% of the weights, and 2:4; each fine-tuned ``--finetune-epochs`` on the same data;
 3. every file is exported to ONNX (verified against PyTorch by ``export``);
 4. ONE ``resopt bench`` run measures all of them (one worker process per file, interleaved rounds, so
    drifting load on a shared machine hits every row alike), with top-1 of the ONNX files on the test split.
@@ -52,6 +52,8 @@ CHILDREN = (
     Child("p70", "l1-struct 70%", ("--sparsity", "0.7")),
     Child("m50", "l1-struct, MACs / 2", ("--target-macs", "0.5"), halves_macs=True),
     Child("m50r8", "l1-struct, MACs / 2, round-to 8", ("--target-macs", "0.5", "--round-to", "8"), halves_macs=True),
+    Child("g50r8", "l1-struct, MACs / 2, global, round-to 8",
+          ("--target-macs", "0.5", "--global", "--round-to", "8"), halves_macs=True),
     Child("u50", "l1-unstruct 50%", ("--method", "l1-unstruct", "--sparsity", "0.5")),
     Child("s24", "2:4", ("--method", "2:4")),
 )

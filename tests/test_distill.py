@@ -17,7 +17,7 @@ from resopt.distill import DistillConfig, kd_loss, kd_loss_fn, load_teacher
 from resopt.models import count_params, model_from_checkpoint
 from resopt.prune.sensitivity import top1_on
 
-FEW = ["--limit-per-class", "8", "--batch-size", "40", "--epochs", "1"]
+FEW = ["--limit-per-class", "5", "--batch-size", "25", "--epochs", "1"]
 
 
 def _softmax(z: list[float]) -> list[float]:
@@ -74,8 +74,8 @@ def test_distill_from_an_architecture(cli, trained_pt: Path, cifar_small: Path, 
     d = r.json()
     ckpt = load_checkpoint(trained_pt)
     pre = checkpoint_preprocess(ckpt)
-    x, y = stack_images(load_eval_set(cifar_small, pre, per_class=8))
-    assert d["eval_images"] == 80 and d["train_images"] == 80
+    x, y = stack_images(load_eval_set(cifar_small, pre, per_class=5))
+    assert d["eval_images"] == 50 and d["train_images"] == 50
     assert d["teacher_top1"] == pytest.approx(top1_on(model_from_checkpoint(ckpt), x, y))
     assert d["student_source"] == "scratch" and d["student_top1_before"] is None
     assert d["student_params"] < 0.3 * d["teacher_params"]

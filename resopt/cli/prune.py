@@ -206,5 +206,6 @@ def _render_analysis(d: dict[str, Any]) -> Any:
         parts.append(Text(f"proposal {verdict} the target: {proposal['channel_sparsity']:.1%} of the channels "
                           f"removed, {proposal['macs_fraction']:.3f} of the MACs, top-1 {proposal['top1']:.2f}% "
                           f"before fine-tuning"))
-        parts.append(Text(f"--layer-ratios {proposal['layer_ratios']}"))
+        # Folded, not cropped, at the terminal width; the library also logs it unbroken on stderr.
+        parts.append(Text(f"--layer-ratios {proposal['layer_ratios']}", overflow="fold"))
     return Group(*parts)

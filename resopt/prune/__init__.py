@@ -193,6 +193,19 @@ def _prepare(data: DataOptions, ckpt: dict[str, Any], name: str) -> Any:
     return prepared
 
 
+def _decoded(dataset: Any, input_size: int, *, max_bytes: int = 512 * 2**20) -> Any:
+    """``dataset`` as tensors in memory when they fit in ``max_bytes``: pruning evaluates the same
+    images several times (parent, pruned, every fine-tuning epoch and step), and decoding JPEGs costs
+    more than running a small network on them."""
+    if len(dataset) * 3 * input_size * input_size * 4 > max_bytes:
+        return dataset
+    from torch.utils.data import TensorDataset
+
+    from resopt.data import stack_images
+
+    return TensorDataset(*stack_images(dataset))
+
+
 def _stats(model: nn.Module, input_size: int, file_bytes: int, top1: float) -> ModelStats:
     from resopt.models import count_macs, count_params
 
@@ -239,6 +252,7 @@ def prune_checkpoint(
     ft_cfg.validate()
     pre = checkpoint_preprocess(ckpt)
     prepared = _prepare(data, ckpt, model_path.name)
+    prepared.eval = _decoded(prepared.eval, pre.input_size)
     loss_fn = None
     if cfg.teacher is not None:
         teacher = load_teacher(Path(cfg.teacher), classes=prepared.classes, preprocess=pre, data=data.data)
@@ -254,6 +268,7 @@ def prune_checkpoint(
                    description=description)
 
     size = pre.input_size
+    parent_widths = model_widths(model)
     before = _stats(model, size, model_path.stat().st_size, top1(model))
     parent_channels = conv_out_channels(model)
     log(f"pruning {model_path.name} ({ckpt['arch']}, top-1 {before.top1:.2f}% on {len(prepared.eval)} "
@@ -270,6 +285,8 @@ def prune_checkpoint(
         _run_24(work)
 
     model.eval()
+    if cfg.method in STRUCTURED and not cfg.round_to:
+        work.notes += _alignment_note(parent_widths, model_widths(model))
     after_top1 = top1(model) if work.fits or cfg.method == "sfp" else work.top1_pruned
     channel_sparsity = 1.0 - conv_out_channels(model) / parent_channels
     result = PruneResult(output=output, parent=model_path, method=cfg.method,
@@ -451,6 +468,22 @@ def _run_24(work: _Work) -> None:
     work.notes.append(NM_NOTE + DENSE_NOTE)
 
 
+def _alignment_note(parent: dict[str, list[int]], child: dict[str, list[int]]) -> list[str]:
+    """A note when pruning left dense conv widths that are no longer multiples of 8.
+
+    onnxruntime's x86 NCHWc convolutions (and tensor cores) work on blocks of 8 channels; a graph with
+    other widths falls back to slower generic kernels (measured in scripts/bench_prune.py: half the MACs
+    ran 1.3x faster unaligned, 1.8x with --round-to 8).
+    """
+    broken = [name for name, w in child.items() if len(w) == 3 and w[2] == 1 and parent[name][1] % 8 == 0
+              and w[1] % 8 != 0]
+    if not broken:
+        return []
+    return [f"{len(broken)} conv layers now have widths that are not multiples of 8 ({broken[0]}: "
+            f"{child[broken[0]][1]}); onnxruntime's NCHWc kernels and tensor cores need multiples of 8, so "
+            f"these run on slower generic kernels. --round-to 8 keeps them aligned."]
+
+
 def _check_shrunk(result: PruneResult) -> None:
     b, a = result.before, result.after
     if result.method in STRUCTURED:
@@ -504,5 +537,9 @@ def analyze_checkpoint(
     log(f"sensitivity of {len(groups)} channel groups at ratios {', '.join(f'{r:g}' for r in ratios)} on "
         f"{len(labels)} {prepared.eval_split} images")
     target = int(target_macs * count_macs(model, size)) if target_macs is not None else None
-    return analyze_sensitivity(model, groups, images, labels, input_size=size, ratios=tuple(sorted(ratios)),
-                               p=1 if method == "l1-struct" else 2, target_sparsity=sparsity, target_macs=target)
+    report = analyze_sensitivity(model, groups, images, labels, input_size=size, ratios=tuple(sorted(ratios)),
+                                 p=1 if method == "l1-struct" else 2, target_sparsity=sparsity, target_macs=target)
+    if report.proposal is not None and report.proposal.layer_ratios():
+        log(f"proposed: resopt prune {model_path} --method {method} --layer-ratios "
+            f"{report.proposal.layer_ratios()} --data {data.data} ...")
+    return report
