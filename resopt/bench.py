@@ -168,6 +168,10 @@ class LatencyStats:
     peak_memory_bytes: int | None
     peak_device_memory_bytes: int | None = None
     speedup: float | None = None  # throughput over the first file's at this batch size
+    # The same ratio within each round (p50 of the first file over this file's, both from that round):
+    # neighbours in time, so a load change between rounds cancels out. Their range is the honest
+    # uncertainty of ``speedup`` on a shared machine.
+    speedup_rounds: tuple[float, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -217,7 +221,8 @@ class BenchReport:
                 "nonzero_params": m.nonzero_params, "macs": m.macs, "input_size": m.input_size,
                 "peak_memory_bytes": m.peak_memory_bytes, "accuracy": m.accuracy,
                 "load_seconds": round(m.load_seconds, 3), "variant": m.variant,
-                "batches": [{**asdict(b), "round_p50_ms": list(b.round_p50_ms)} for b in m.batches],
+                "batches": [{**asdict(b), "round_p50_ms": list(b.round_p50_ms),
+                             "speedup_rounds": list(b.speedup_rounds)} for b in m.batches],
             })
         return {"baseline": str(self.models[0].path) if self.models else None, "config": cfg,
                 "host": self.host, "models": models}
@@ -242,12 +247,19 @@ def latency_stats(batch_size: int, rounds: list[list[float]], peak_memory: int |
         peak_memory_bytes=peak_memory, peak_device_memory_bytes=peak_device_memory)
 
 
+def round_ratios(base: LatencyStats, other: LatencyStats) -> tuple[float, ...]:
+    """``other``'s throughput over ``base``'s, round by round (rounds interleave the files, so round r of
+    both was measured minutes apart at most)."""
+    return tuple(b / o for b, o in zip(base.round_p50_ms, other.round_p50_ms, strict=False) if o > 0)
+
+
 def with_speedups(models: list[ModelBench]) -> list[ModelBench]:
     """Each file's throughput over the first file's, batch size by batch size."""
     if not models:
         return models
-    base = {b.batch_size: b.throughput_ips for b in models[0].batches}
-    return [replace(m, batches=tuple(replace(b, speedup=b.throughput_ips / base[b.batch_size])
+    base = {b.batch_size: b for b in models[0].batches}
+    return [replace(m, batches=tuple(replace(b, speedup=b.throughput_ips / base[b.batch_size].throughput_ips,
+                                             speedup_rounds=round_ratios(base[b.batch_size], b))
                                      for b in m.batches)) for m in models]
 
 

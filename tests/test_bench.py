@@ -71,6 +71,9 @@ def test_latency_numbers_are_consistent(bench_json: dict) -> None:
     for b0, b1 in zip(first["batches"], second["batches"], strict=True):
         assert b0["speedup"] == 1.0
         assert b1["speedup"] == pytest.approx(b1["throughput_ips"] / b0["throughput_ips"], rel=1e-9)
+        assert b0["speedup_rounds"] == [1.0, 1.0]
+        assert b1["speedup_rounds"] == pytest.approx([p0 / p1 for p0, p1 in zip(b0["round_p50_ms"],
+                                                                                b1["round_p50_ms"], strict=True)])
 
 
 def test_accuracy_matches_training_and_onnx(bench_json: dict, trained_pt: Path) -> None:
@@ -150,6 +153,7 @@ def test_latency_stats_and_speedups() -> None:
 
     out = with_speedups([mb(s), mb(fast)])
     assert out[0].batches[0].speedup == 1.0 and out[1].batches[0].speedup == pytest.approx(2.5)
+    assert out[1].batches[0].speedup_rounds == pytest.approx((2.0,))  # round 1 only: 2 ms vs 1 ms
     assert math.isclose(out[1].at(4).throughput_ips, 4000.0)
 
 

@@ -67,6 +67,15 @@ def _model_cell(m: dict[str, Any], row: int, rows: int) -> str:
     return name if row == 0 else provider if row == 1 else ""
 
 
+def _speedup_cell(b: dict[str, Any]) -> str:
+    """``2.31x``, with the range of the per-round ratios when rounds disagree (shared-machine noise)."""
+    rounds = b.get("speedup_rounds") or []
+    cell = f"{b['speedup']:.2f}x"
+    if len(rounds) > 1 and max(rounds) - min(rounds) >= 0.005:
+        cell += f" ({min(rounds):.2f}-{max(rounds):.2f})"
+    return cell
+
+
 def _memory_cell(b: dict[str, Any], gpu: bool) -> str:
     host = "?" if b["peak_memory_bytes"] is None else human_bytes(b["peak_memory_bytes"])
     if not gpu:
@@ -86,8 +95,8 @@ def render_bench(d: dict[str, Any]) -> Any:
                   title_justify="left",
                   caption=f"Medians of >= {cfg['iters']} batches / {cfg['min_seconds']:g} s per cell in "
                           f"{cfg['rounds']} interleaved rounds, one process per file; speed-up = throughput "
-                          f"over {Path(d['baseline']).name}'s at the same batch size; ± = spread of the "
-                          f"per-round medians.",
+                          f"over {Path(d['baseline']).name}'s at the same batch size, (low-high) its range "
+                          f"over rounds; img/s ± = half the spread of the per-round medians.",
                   caption_justify="left")
     for name, justify in (("model", "left"), ("size", "right"), ("params", "right"), ("non-zero", "right"),
                           ("MACs", "right"), ("top-1 / top-5", "right"),
@@ -113,7 +122,7 @@ def render_bench(d: dict[str, Any]) -> Any:
                 str(b["batch_size"]),
                 f"{_ms(b['p50_ms'])} / {_ms(b['p90_ms'])} / {_ms(b['p99_ms'])}",
                 f"{b['throughput_ips']:.1f} ±{b['spread_pct'] / 2:.0f}%",
-                f"{b['speedup']:.2f}x",
+                _speedup_cell(b),
                 end_section=j == len(m["batches"]) - 1,
             )
     return table
