@@ -132,6 +132,14 @@ def _count(n: float | None) -> str:
     return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.2f} M"
 
 
+def _shown(path: str) -> str:
+    """A data path as the reader would type it: relative to the repository when it is inside it."""
+    try:
+        return str(Path(path).resolve().relative_to(REPO))
+    except ValueError:
+        return path
+
+
 def markdown(result: dict[str, Any]) -> str:
     host, cfg = result["host"], result["config"]
     load = host.get("load_average") or {}
@@ -146,9 +154,9 @@ def markdown(result: dict[str, Any]) -> str:
         f">= {cfg['min_seconds']:g} s per file in {cfg['rounds']} rounds. Latency per batch of "
         f"{cfg['batch_size']}; img/s = batch / p50; ± = half the spread of the per-round medians. Peak memory: "
         f"{cfg['peak_memory']}.", "",
-        f"Accuracy: test split of `{cfg['eval_data']}`"
+        f"Accuracy: test split of `{_shown(cfg['eval_data'])}`"
         + (f" ({cfg['eval_limit_per_class']} per class)" if cfg.get("eval_limit_per_class") else "")
-        + f"; resnet18-cifar trained {cfg['epochs']} epochs on `{cfg['data']}`"
+        + f"; resnet18-cifar trained {cfg['epochs']} epochs on `{_shown(cfg['data'])}`"
         + (f" ({cfg['train_limit_per_class']} per class)" if cfg.get("train_limit_per_class") else "") + ".",
         "",
         "| model | runtime | weights | size | MACs | top-1 | top-5 | p50 / p99 ms | img/s | vs ORT FP32 "
