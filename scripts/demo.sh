@@ -6,13 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}
 DATA=examples/cifar10-mini
-EPOCHS=${EPOCHS:-15}
+EPOCHS=${EPOCHS:-12}
 mkdir -p "$OUT"
 start=$(date +%s)
 
 resopt train --arch resnet20 --data "$DATA" --epochs "$EPOCHS" --batch-size 64 --lr 0.1 -o "$OUT/r20.pt"
 # --round-to 8 keeps pruned widths on onnxruntime's fast (NCHWc) convolution kernels.
-resopt prune "$OUT/r20.pt" --method l1-struct --sparsity 0.5 --round-to 8 --finetune-epochs 5 --batch-size 64 \
+resopt prune "$OUT/r20.pt" --method l1-struct --sparsity 0.5 --round-to 8 --finetune-epochs 4 --batch-size 64 \
   --data "$DATA" -o "$OUT/r20.p50.pt"
 for m in r20 r20.p50; do
   resopt export "$OUT/$m.pt" -o "$OUT/$m.onnx" --data "$DATA"
