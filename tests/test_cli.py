@@ -25,7 +25,8 @@ def test_help_lists_commands_in_pipeline_order_without_importing_torch() -> None
     elapsed = time.perf_counter() - t0
     assert "HEAVY []" in proc.stdout, proc.stdout
     names = [n for n, _, _ in COMMANDS]
-    positions = [proc.stdout.index(f"  {n} ") for n in names]
+    listing = proc.stdout.split("Commands:", 1)[1]
+    positions = [listing.index(f"\n  {n} ") for n in names]
     assert positions == sorted(positions), "commands must be listed in pipeline order"
     assert elapsed < 5  # generous for a loaded CI box; typically ~0.15 s
 
