@@ -67,13 +67,16 @@ class TorchvisionStyleResNet(nn.Module):
 
 
 class CifarBasicBlock(nn.Module):
+    """conv-BN-ReLU-conv-BN plus shortcut. Variants override ``make_conv`` or ``residual``, keeping the
+    module names (conv1, bn1, conv2, bn2, shortcut) that checkpoints and pruning rely on."""
+
     expansion = 1
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
         super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.conv1 = self.make_conv(in_planes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.conv2 = self.make_conv(planes, planes, 1)
         self.bn2 = nn.BatchNorm2d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
@@ -81,16 +84,22 @@ class CifarBasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
                                           nn.BatchNorm2d(planes))
 
+    @staticmethod
+    def make_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
+        return nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn2(self.conv2(self.relu(self.bn1(self.conv1(x)))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+        return self.relu(self.residual(x) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
-    """ResNet-(6n+2) for 32x32 inputs: three stages of 16, 32, 64 channels (times ``width``)."""
+    """ResNet-(6n+2) for 32x32 inputs: three stages of 16, 32, 64 channels (times ``width``) of ``block``."""
 
-    def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0) -> None:
+    def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0,
+                 block: type[CifarBasicBlock] = CifarBasicBlock) -> None:
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
@@ -104,7 +113,7 @@ class CifarResNet(nn.Module):
         for i, p in enumerate(planes):
             blocks = []
             for j in range(n):
-                blocks.append(CifarBasicBlock(in_planes, p, stride=2 if (i > 0 and j == 0) else 1))
+                blocks.append(block(in_planes, p, stride=2 if (i > 0 and j == 0) else 1))
                 in_planes = p
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3 = stages

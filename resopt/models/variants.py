@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from resopt.models.resnet import _init_weights, _scaled
+from resopt.models.resnet import CifarBasicBlock, CifarResNet
 
 
 class DSConv(nn.Module):
@@ -36,25 +36,12 @@ class DSConv(nn.Module):
         return self.pw(self.relu(self.dw_bn(self.dw(x))))
 
 
-class DSBasicBlock(nn.Module):
-    expansion = 1
+class DSBasicBlock(CifarBasicBlock):
+    """Basic block whose two 3x3 convolutions are depthwise-separable."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = DSConv(in_planes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = DSConv(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(planes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + self.shortcut(x))
+    @staticmethod
+    def make_conv(in_planes: int, planes: int, stride: int) -> nn.Module:
+        return DSConv(in_planes, planes, stride)
 
 
 class SqueezeExcite(nn.Module):
@@ -74,73 +61,26 @@ class SqueezeExcite(nn.Module):
         return x * self.gate(self.fc2(self.relu(self.fc1(self.pool(x)))))
 
 
-class SEBasicBlock(nn.Module):
-    expansion = 1
+class SEBasicBlock(CifarBasicBlock):
+    """Basic block whose residual branch is rescaled by a squeeze-and-excitation gate before the add."""
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1, reduction: int = 16) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        super().__init__(in_planes, planes, stride)
         self.se = SqueezeExcite(planes, reduction)
-        self.relu = nn.ReLU(inplace=True)
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_planes != planes:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride, bias=False),
-                                          nn.BatchNorm2d(planes))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.se(self.bn2(self.conv2(out)))
-        return self.relu(out + self.shortcut(x))
+    def residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.se(super().residual(x))
 
 
-class _CifarVariant(nn.Module):
-    """Stem, three stages of ``block``, global pool, classifier: the CIFAR ResNet skeleton."""
-
-    def __init__(self, block: type[nn.Module], depth: int, num_classes: int, width: float) -> None:
-        super().__init__()
-        if (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
-        n = (depth - 2) // 6
-        planes = [_scaled(c, width) for c in (16, 32, 64)]
-        self.conv1 = nn.Conv2d(3, planes[0], 3, 1, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes[0])
-        self.relu = nn.ReLU(inplace=True)
-        in_planes = planes[0]
-        stages = []
-        for i, p in enumerate(planes):
-            blocks = []
-            for j in range(n):
-                blocks.append(block(in_planes, p, stride=2 if (i > 0 and j == 0) else 1))
-                in_planes = p
-            stages.append(nn.Sequential(*blocks))
-        self.layer1, self.layer2, self.layer3 = stages
-        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
-        self.fc = nn.Linear(planes[2], num_classes)
-        _init_weights(self)
-        # The shared initialiser zero-inits the last BN of the blocks it knows; do the same here so these
-        # variants also start every block as identity.
-        for m in self.modules():
-            if isinstance(m, (DSBasicBlock, SEBasicBlock)):
-                nn.init.zeros_(m.bn2.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.fc(torch.flatten(self.avgpool(x), 1))
-
-
-class DSResNet(_CifarVariant):
+class DSResNet(CifarResNet):
     """CIFAR ResNet-(6n+2) whose 3x3 convolutions are depthwise-separable."""
 
     def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0) -> None:
-        super().__init__(DSBasicBlock, depth, num_classes, width)
+        super().__init__(depth, num_classes, width, block=DSBasicBlock)
 
 
-class SEResNet(_CifarVariant):
+class SEResNet(CifarResNet):
     """CIFAR ResNet-(6n+2) with a squeeze-and-excitation gate in every block."""
 
     def __init__(self, depth: int, num_classes: int = 10, width: float = 1.0) -> None:
-        super().__init__(SEBasicBlock, depth, num_classes, width)
+        super().__init__(depth, num_classes, width, block=SEBasicBlock)
