@@ -172,3 +172,26 @@ def test_static_int8_without_a_matching_calibration_set(cli, fp32_onnx, workdir)
     assert r.code == 4
     assert r.stderr.startswith("Error: no shipped calibration set matches the model's 10 classes (a, b, c, d, ...)")
     assert "Hint: pass --calib-data" in r.stderr
+
+
+def test_qat_model_simulates_the_exported_graph(trained_pt):
+    """With fake quantization off, the QAT model (folded Conv+BN, wrapped layers) computes the checkpoint's
+    function; its state dict is a plain checkpoint of the original architecture."""
+    import torch
+
+    from resopt.quantize.qat import calibrate_ranges, export_state_dict, prepare_qat
+    from resopt.train import load_model
+
+    model, _ = load_model(trained_pt)
+    qm = prepare_qat(model, symmetric_acts=False, per_channel=True)
+    assert len(qm.folded) == 21 and len(qm.weight_quant) == 22  # every conv has a BN; + the classifier
+    x = torch.randn(4, 3, 32, 32)
+    qm.enable(acts=False, weights=False)
+    with torch.no_grad():
+        torch.testing.assert_close(qm.module.eval()(x), model.eval()(x), atol=1e-4, rtol=1e-4)
+    calibrate_ranges(qm, [(x.numpy(), None)])
+    with torch.no_grad():
+        fq = qm.module(x)
+    assert not torch.allclose(fq, model(x)), "fake quantization changes the logits"
+    state = export_state_dict(qm)
+    assert state.keys() == model.state_dict().keys()

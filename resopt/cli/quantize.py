@@ -59,7 +59,8 @@ def quantize_cmd(
                                                  "every layer to this many bits (2..8) [default: float].",
                                                  show_default=False)] = None,
     epochs: Annotated[int, typer.Option("--epochs", help="--mode qat: fine-tuning epochs.")] = 3,
-    lr: Annotated[float, typer.Option("--lr", help="--mode qat: peak learning rate (cosine decay).")] = 0.01,
+    lr: Annotated[float, typer.Option("--lr", help="--mode qat: peak learning rate (cosine decay; BatchNorm is "
+                                      "frozen, so keep it small).")] = 1e-3,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="--mode qat: batch size.")] = 128,
     amp: Annotated[bool, typer.Option(help="--mode qat: mixed precision on CUDA.")] = True,
     device: Annotated[str, typer.Option(help="--mode qat: auto, cpu, cuda or cuda:N.")] = "auto",

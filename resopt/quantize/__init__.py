@@ -81,7 +81,7 @@ class QuantizeConfig:
     clusters: int = 256  # kmeans
     bits: int = 8  # fixed: weight bits
     act_bits: int | None = None  # fixed: activation bits (None: activations stay float)
-    train: TrainConfig | None = None  # qat fine-tuning (None: 3 epochs at a tenth of the training lr)
+    train: TrainConfig | None = None  # qat fine-tuning (None: qat.default_train_config)
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -352,7 +352,10 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
     if cfg.mode == "qat":
         raise UsageError(f"--mode qat fine-tunes in PyTorch; it takes the .pt checkpoint, not {model.name}",
                          hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
-    if kind != "onnx":
+    if kind not in ("onnx", "pt"):
+        raise InputFileError(f"{model} is a .{kind} file; quantize takes an FP32 .onnx (or a .pt for --mode qat, "
+                             f"kmeans or fixed)")
+    if kind == "pt":
         stem = model.name[: -len(model.suffix)]
         raise InputFileError(f"{model} is a PyTorch checkpoint; --mode {cfg.mode} quantizes an ONNX model",
                              hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
