@@ -3,6 +3,8 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 RESOPT := $(VENV)/bin/resopt
+# Extra arguments for the benchmark scripts, e.g. make bench-quant ARGS="--checkpoint runs/bench-cpu/r18.pt"
+ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
 .PHONY: setup demo test test-fast lint bench-cpu bench-prune bench-quant bench-gpu clean
@@ -31,16 +33,16 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 bench-cpu: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_cpu.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_cpu.py $(ARGS)
 
 bench-prune: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_prune.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_prune.py $(ARGS)
 
 bench-quant: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_quant.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_quant.py $(ARGS)
 
 bench-gpu: setup
-	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_gpu.py
+	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_gpu.py $(ARGS)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

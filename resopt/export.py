@@ -14,7 +14,8 @@ Tolerance
 only: folding BatchNorm and a different convolution algorithm reorder the sums. Measured on every
 registry architecture (width 0.25, trained-like BatchNorm statistics, real CIFAR images), that moved the
 logits by 1e-7 to 1.5e-6 of their magnitude, and 1.4e-5 for the deepest (ResNet-56 with SE gates), so
-the default 1e-3 leaves a margin of about two orders of magnitude for bigger models and other CPUs. A real export bug (a wrong
+the default 1e-3 leaves a margin of about two orders of magnitude for bigger models and other CPUs.
+A real export bug (a wrong
 BatchNorm fold, a lost bias, a mis-ordered channel) changes logits by a sizeable fraction of their
 magnitude and lands far above it. Scaling by the logits keeps one number meaningful for a model whose
 logits are of size 3 and one whose logits are of size 300. Top-1 agreement is reported but not gated

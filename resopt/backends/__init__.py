@@ -105,6 +105,7 @@ def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> A
     if runner.max_batch is not None:
         batch_size = min(batch_size, runner.max_batch)
     acc = TopK()
-    for images, labels in make_loader(dataset, batch_size, shuffle=False):
+    # workers=0: bench evaluates inside daemonic worker processes, which may not start DataLoader workers.
+    for images, labels in make_loader(dataset, batch_size, shuffle=False, workers=0):
         acc.update(runner.infer(images.numpy()), labels.numpy())
     return acc
