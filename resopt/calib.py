@@ -87,11 +87,12 @@ def default_calib_dirs() -> list[Path]:
     return list(dict.fromkeys(d for d in dirs if d.is_dir()))
 
 
-def find_default_calib(classes: list[str]) -> Path:
+def find_default_calib(classes: list[str], *, option: str = "--calib-data") -> Path:
     """The shipped set (e.g. calib/cifar10) whose class folders are exactly the model's classes.
 
     Matching on class names picks the right set for the model, and refuses, instead of silently
-    calibrating on unrelated images, for a model trained on other data.
+    calibrating (or verifying, for export and build) on unrelated images, for a model trained on other
+    data. ``option`` is the flag the calling command takes instead, named in the hint.
     """
     seen: list[Path] = []
     for root in default_calib_dirs():
@@ -103,7 +104,7 @@ def find_default_calib(classes: list[str]) -> Path:
     shipped = ", ".join(str(c) for c in seen[1:] or seen) or "none found"
     raise DataError(f"no shipped calibration set matches the model's {len(classes)} classes "
                     f"({', '.join(classes[:4])}{', ...' if len(classes) > 4 else ''}); looked at: {shipped}",
-                    hint="pass --calib-data with a folder of training images (one subfolder per class)")
+                    hint=f"pass {option} with a folder of real images of the model's classes (one subfolder per class)")
 
 
 def load_calib_set(spec: str | Path, *, num: int | None = None, seed: int = 0) -> CalibSet:

@@ -134,44 +134,15 @@ class ExportResult:
 # ------------------------------------------------------------------------------------- data lookup
 
 
-def calib_roots() -> list[Path]:
-    """Where the repository's calibration images live: next to the package, else ./calib."""
-    import resopt
-
-    return [Path(resopt.__file__).resolve().parents[1] / "calib", Path.cwd() / "calib"]
-
-
-def find_calib_set(classes: list[str]) -> Path:
-    """The calib/ image folder whose class folders are exactly ``classes`` (e.g. calib/cifar10).
-
-    calib/ holds one bare ImageFolder per dataset; matching on the class names picks the right one and
-    refuses, instead of silently verifying on unrelated images, for a model trained on other data.
-    """
-    seen: list[Path] = []
-    for root in calib_roots():
-        if not root.is_dir():
-            continue
-        for candidate in [root, *sorted(p for p in root.iterdir() if p.is_dir())]:
-            subdirs = sorted(p.name for p in candidate.iterdir() if p.is_dir() and not p.name.startswith("."))
-            if subdirs == sorted(classes):
-                return candidate
-            seen.append(candidate)
-    if not seen:
-        raise DataError("no verification images: --data was not given and there is no calib/ folder "
-                        f"(looked in {', '.join(str(r) for r in calib_roots())})",
-                        hint="pass --data with a folder of real images of the model's classes")
-    raise DataError(f"no calib/ set has the model's {len(classes)} classes ({', '.join(classes[:4])}...)",
-                    hint="pass --data with a folder of real images of the model's classes")
-
-
 def load_verify_images(ckpt: dict[str, Any], cfg: ExportConfig) -> tuple[torch.Tensor, str]:
     """``num_verify`` class-balanced real images with the checkpoint's eval preprocessing."""
     from torch.utils.data import Subset
 
     from resopt.artifacts import checkpoint_preprocess
+    from resopt.calib import find_default_calib
     from resopt.data import balanced_indices, check_classes, classes_of, load_eval_set, stack_images, targets_of
 
-    spec = cfg.data if cfg.data is not None else str(find_calib_set(list(ckpt["classes"])))
+    spec = cfg.data if cfg.data is not None else str(find_default_calib(list(ckpt["classes"]), option="--data"))
     dataset = load_eval_set(spec, checkpoint_preprocess(ckpt), split=cfg.split)
     check_classes(ckpt["classes"], classes_of(dataset), model_name="the checkpoint", data=spec)
     per_class = math.ceil(cfg.num_verify / max(1, len(ckpt["classes"])))

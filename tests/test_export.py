@@ -245,12 +245,13 @@ def test_input_file_errors(cli, workdir: Path, trained_pt: Path) -> None:
 
 
 def test_data_errors(cli, trained_pt: Path, workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import resopt.export as export_mod
+    import resopt.calib as calib_mod
 
-    monkeypatch.setattr(export_mod, "calib_roots", lambda: [workdir / "nowhere"])
+    monkeypatch.setattr(calib_mod, "default_calib_dirs", lambda: [])
     r = cli("export", trained_pt, "-o", "x.onnx")
-    assert r.code == 4 and r.stderr.startswith("Error: no verification images: --data was not given")
-    assert "Hint: pass --data" in r.stderr
+    assert r.code == 4
+    assert r.stderr.startswith("Error: no shipped calibration set matches the model's 10 classes"), r.stderr
+    assert "looked at: none found" in r.stderr and "Hint: pass --data" in r.stderr
 
     three = make_subset(workdir / "three", 1, 3, classes=CLASSES[:3])
     r = cli("export", trained_pt, "-o", "x.onnx", "--data", three)

@@ -27,8 +27,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path) -> dict[st
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     from resopt.artifacts import Preprocess
+    from resopt.calib import find_default_calib
     from resopt.data import load_eval_set, stack_images
-    from resopt.export import find_calib_set
 
     folder = tmp_path_factory.mktemp("info")
     pt = folder / "r20.pt"
@@ -37,7 +37,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path) -> dict[st
     export_onnx(pt, onnx_path, ExportConfig(num_verify=20))
 
     pre = Preprocess.from_dict(load_checkpoint(pt)["preprocess"])
-    images, _ = stack_images(load_eval_set(find_calib_set(CLASSES), pre, per_class=2))
+    images, _ = stack_images(load_eval_set(find_default_calib(CLASSES), pre, per_class=2))
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
