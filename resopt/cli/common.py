@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,7 +29,10 @@ def emit(data: dict[str, Any], *, json_out: bool, render: Any = None, min_width:
 
     ``min_width``: when stdout is not a terminal (a file, a pipe, a CI log), render at least this wide
     instead of Rich's 80 columns, so a wide table is not folded into unreadable cells.
+    Under torchrun only rank 0 prints, so a data-parallel command still gives exactly one result.
     """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
     if json_out or render is None:
         sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
         sys.stdout.flush()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,8 +54,7 @@ def train_cmd(
                       device=device, workers=workers)
     result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed), cfg, output, width=width,
                          pretrained=pretrained, input_size=input_size, resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun only rank 0 reports
-        emit(result.summary(), json_out=json_, render=_render)
+    emit(result.summary(), json_out=json_, render=_render)
 
 
 def _render(d: dict[str, Any]) -> Any:
