@@ -62,6 +62,23 @@ def _same_fs(a: Path, b: Path) -> bool:
         return False
 
 
+def randomize_bn(model, seed: int = 0):
+    """Give every BatchNorm trained-looking statistics (so BN folding matters), without training."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                n = m.num_features
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+    return model.eval()
+
+
 @pytest.fixture(scope="session")
 def cifar_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 train + 20 test images per class (400 / 200): enough to see learning, fast on 2 cores."""

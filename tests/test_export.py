@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import CLASSES, make_subset
+from conftest import CLASSES, make_subset, randomize_bn
 from torch import nn
 
 from resopt.artifacts import (
@@ -32,14 +32,7 @@ def _checkpoint(path: Path, arch: str, *, width: float, size: int, widths: dict 
     model = build_model(arch, len(CLASSES), width=width)
     if widths:
         apply_widths(model, widths)
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
+    randomize_bn(model, seed=1)
     pre = Preprocess(size, (0.49, 0.48, 0.45), (0.25, 0.24, 0.26), None if size <= 32 else int(size / 0.875))
     ckpt = make_checkpoint(arch=arch, arch_kwargs={"width": width}, state_dict=model.state_dict(),
                            classes=CLASSES, preprocess=pre, lineage=[lineage_entry("train", options={})],

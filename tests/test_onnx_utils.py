@@ -9,25 +9,13 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from conftest import randomize_bn
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from resopt.errors import InputFileError
 from resopt.models import build_model, count_macs
 from resopt.onnx_utils import onnx_layer_macs, onnx_macs, onnx_param_counts, onnx_shapes, onnx_stats
-
-
-def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm trained-looking statistics, so folding produces non-zero biases."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
-    return model.eval()
 
 
 def _export(model: nn.Module, size: int, *, dynamo: bool) -> onnx.ModelProto:
@@ -63,7 +51,7 @@ def _folded_param_count(model: nn.Module) -> int:
 @pytest.fixture(scope="module")
 def r20() -> tuple[nn.Module, onnx.ModelProto]:
     torch.manual_seed(0)
-    model = _randomize_bn(build_model("resnet20", 10, width=0.5))
+    model = randomize_bn(build_model("resnet20", 10, width=0.5))
     # A pruned filter: its whole folded weight is zero, so non-zero params must drop by exactly its size.
     with torch.no_grad():
         model.layer2[0].conv1.weight[3].zero_()
@@ -83,7 +71,7 @@ def test_fp32_counts_match_the_torch_model(r20: tuple[nn.Module, onnx.ModelProto
     ("resnet18-cifar", 0.25, 32, False),  # resnet50 (ImageNet stem, bottlenecks): see test_export
 ])
 def test_macs_match_torch_count(arch: str, width: float, size: int, dynamo: bool) -> None:
-    model = _randomize_bn(build_model(arch, 10, width=width))
+    model = randomize_bn(build_model(arch, 10, width=width))
     proto = _export(model, size, dynamo=dynamo)
     assert onnx_macs(proto) == count_macs(model, size)
     assert onnx_param_counts(proto)[0] == _folded_param_count(model)
