@@ -103,7 +103,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def check_output_path(output: Path, *inputs: Path | str | None, suffixes: tuple[str, ...] | None = None,
-                      option: str = "-o") -> Path:
+                      option: str = "output") -> Path:
     """Check an output before any work: right suffix, not a folder, not any input, in a writable folder.
 
     ``inputs`` are every file or folder the command reads (a folder input also protects what is inside it).
@@ -125,8 +125,10 @@ def check_output_path(output: Path, *inputs: Path | str | None, suffixes: tuple[
         if not src.exists():
             continue
         src = src.resolve()
-        if resolved == src or (src.is_dir() and src in resolved.parents):
-            raise UsageError(f"{option} {output} would overwrite the input {inp}; choose another {option}")
+        if resolved == src:
+            raise UsageError(f"{option} {output} is the same file as the input {inp}; choose another {option}")
+        if src.is_dir() and src in resolved.parents:
+            raise UsageError(f"{option} {output} is inside the input folder {inp}; choose another {option}")
     folder = _existing_parent(resolved)
     if not folder.is_dir():
         raise UsageError(f"{option} {output}: {folder} is not a folder")

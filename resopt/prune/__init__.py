@@ -244,8 +244,8 @@ def prune_checkpoint(
 
     cfg.validate()
     model_path = Path(model_path)
+    output = check_output_path(Path(output), model_path, data.data, cfg.teacher, suffixes=(".pt", ".pth"))
     model, ckpt = _load_parent(model_path)
-    output = check_output_path(Path(output), model_path, suffixes=(".pt", ".pth"))
     dcfg = DistillConfig(cfg.alpha, cfg.temperature)
     dcfg.validate()
     ft_cfg = replace(train, epochs=max(1, cfg.finetune_epochs))
