@@ -71,9 +71,7 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and "write" not in str(e).lower():
-            raise
+    except (OSError, RuntimeError) as e:  # the block only writes: torch.save fails as a RuntimeError
         raise OutputError(f"could not write {path}: {_write_failure(e, path)}") from None
     finally:
         if tmp_path.exists():
