@@ -71,11 +71,19 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as e:  # the block only writes: torch.save fails as a RuntimeError
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_torch_write_error(e):
+            raise
         raise OutputError(f"could not write {path}: {_write_failure(e, path)}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_torch_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a failed write (disk full, file size limit) as a RuntimeError from its zip writer."""
+    text = str(e)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text
 
 
 def _write_failure(e: BaseException, path: Path) -> str:
@@ -348,10 +356,24 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise InputFileError(f"{path} uses checkpoint format {ckpt['format_version']}, newer than this "
                              f"resopt understands ({CHECKPOINT_VERSION})", hint="upgrade resopt")
     validate(CheckpointSchema, ckpt, path=path, what="checkpoint")
+    _check_finite(ckpt["state_dict"], path)
     if ckpt["arch"] not in REGISTRY:
         raise InputFileError(f"checkpoint {path} has a bad field arch: unknown architecture {ckpt['arch']!r}",
                              hint="resopt info --archs lists the architectures this resopt builds")
     return ckpt
+
+
+def _check_finite(state_dict: dict[str, Any], path: Path) -> None:
+    """NaN or infinite weights make every later number meaningless (export parity, top-1): refuse them here."""
+    import torch
+
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise InputFileError(f"checkpoint {path} has a bad field state_dict.{name}: {n} NaN or infinite "
+                                 f"value{'s' * (n > 1)} (a diverged training?)",
+                                 hint="retrain with a lower --lr, or use an earlier checkpoint")
+    return
 
 
 def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:

@@ -128,6 +128,7 @@ CKPT_CASES: dict[str, tuple[Callable[[dict], object], tuple[str, ...]]] = {
     "state_dict_str": (lambda c: c["state_dict"].update({"fc.weight": "x"}), ("state_dict",)),
     "preprocess_list": (lambda c: c.update(preprocess=[32]), ("preprocess",)),
     "widths_str": (lambda c: c.update(widths="wide"), ("widths",)),
+    "weights_nan": (lambda c: c["state_dict"]["fc.weight"].fill_(float("nan")), ("state_dict.fc.weight", "nan")),
 }
 
 
@@ -263,6 +264,21 @@ def test_bad_onnx(cli, good, tmp_path, monkeypatch, case, command):
     _run(cli, argv, 3, words + (str(bad),), [tmp_path, good["root"]])
 
 
+def test_bench_warns_when_outputs_are_nan(cli, good, tmp_path, monkeypatch):
+    from onnx import numpy_helper
+
+    monkeypatch.chdir(tmp_path)
+    m = onnx.load(str(good["onnx"]))
+    init = max(m.graph.initializer, key=lambda t: len(t.dims))  # a conv weight
+    init.CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(init), np.nan), init.name))
+    onnx.save(m, str(tmp_path / "nan.onnx"))
+    r = cli("bench", tmp_path / "nan.onnx", "-d", good["data"], "-b", "1", "--iters", "1", "--warmup", "0",
+            "--min-time", "0", "--rounds", "1", "--json")
+    assert r.code == 0, r.stderr
+    assert "are NaN or infinite" in r.stderr and "nan.onnx" in r.stderr, r.stderr
+    assert json.loads(r.stdout)["models"][0]["accuracy"] is not None
+
+
 # -------------------------------------------------------------------------------- bad sidecars
 
 
@@ -351,12 +367,13 @@ OPTION_CASES = [
     (["prune", "{pt}", "--sparsity", "1"], "--sparsity"),
     (["prune", "{pt}", "--target-macs", "nan"], "--target-macs"),
     (["prune", "{pt}", "--round-to", "0"], "--round-to"),
+    (["prune", "{pt}", "--sparsity", "0.5", "--round-to", "1000"], "--round-to 1000"),
     (["prune", "{pt}", "--finetune-epochs", "-1"], "--finetune-epochs"),
-    (["export", "{pt}", "--tolerance", "1e30"], "--tolerance"),
+    (["export", "{pt}", "--tolerance", "nan"], "--tolerance"),
     (["export", "{pt}", "--num-verify", "0"], "--num-verify"),
     (["quantize", "{onnx}", "--num-calib", "0"], "--num-calib"),
-    (["quantize", "{onnx}", "--bits", "9"], "--bits"),
-    (["quantize", "{onnx}", "--clusters", "1"], "--clusters"),
+    (["quantize", "{onnx}", "--mode", "fixed", "--bits", "9"], "--bits"),
+    (["quantize", "{onnx}", "--mode", "kmeans", "--clusters", "1"], "--clusters"),
     (["quantize", "{onnx}", "--max-drop", "-1"], "--max-drop"),
     (["quantize", "{onnx}", "--min-agreement", "101"], "--min-agreement"),
     (["bench", "{onnx}", "-b", "100000000"], "--batch-size"),

@@ -49,6 +49,7 @@ class OrtRunner(Runner):
         from resopt.artifacts import load_onnx, onnx_preprocess, read_onnx_meta
         from resopt.onnx_utils import check_classifier_graph
 
+        self.path = Path(path)
         graph = load_onnx(path, load_weights=False)
         self.meta = read_onnx_meta(graph, path=path)
         self.preprocess = onnx_preprocess(self.meta, path)

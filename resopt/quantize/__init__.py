@@ -543,8 +543,7 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
         raise VerificationError(
             f"{cfg.mode} result agrees with its {produced.reference_name} on only {cmp.agreement:.2f}% of "
             f"{cmp.images} {on} images (minimum {floor:g}%)",
-            hint="try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
-                 "--exclude the sensitive layers, or lower --min-agreement")
+            hint=_agreement_hint(cfg))
 
     lint: QdqLint | None = None
     if cfg.mode in ("int8", "qat", "int8-dynamic") or (cfg.mode == "fixed" and cfg.act_bits):
@@ -598,3 +597,15 @@ def _write(src: Path, output: Path, parent_meta: dict[str, Any], *, parent: Path
     meta["quantization"] = quantization
     stamp_onnx(proto, meta)
     save_onnx(proto, output)
+
+
+def _agreement_hint(cfg: QuantizeConfig) -> str:
+    """What can raise the agreement of *this* mode: calibration options only where there is calibration."""
+    if cfg.mode == "kmeans":
+        return "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement"
+    if cfg.mode == "fixed":
+        return "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement"
+    if not cfg.needs_calibration:
+        return "--exclude the sensitive layers, or lower --min-agreement"
+    return ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
+            "--exclude the sensitive layers, or lower --min-agreement")
