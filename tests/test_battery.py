@@ -276,7 +276,8 @@ def test_bench_warns_when_outputs_are_nan(cli, good, tmp_path, monkeypatch):
             "--min-time", "0", "--rounds", "1", "--json")
     assert r.code == 0, r.stderr
     assert "are NaN or infinite" in r.stderr and "nan.onnx" in r.stderr, r.stderr
-    assert json.loads(r.stdout)["models"][0]["accuracy"] is not None
+    acc = json.loads(r.stdout)["models"][0]["accuracy"]
+    assert acc["nonfinite_outputs"] == acc["images"] == 9  # every output, recorded in the JSON too
 
 
 # -------------------------------------------------------------------------------- bad sidecars
