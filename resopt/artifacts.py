@@ -112,9 +112,9 @@ def check_output_path(output: Path, *inputs: Path | str | None, suffixes: tuple[
                       option: str = "output") -> Path:
     """Check an output before any work: right suffix, not a folder, not any input, in a writable folder.
 
-    ``inputs`` are every file or folder the command reads (a folder input also protects what is inside it).
-    Returns the output path. Called by every command that writes, so a bad ``-o`` fails in a second
-    rather than after the training or calibration.
+    ``inputs`` are every file and data folder the command reads (outputs never have an image suffix, so one
+    written inside a data folder cannot change what is read there). Returns the output path. Called by
+    every command that writes, so a bad ``-o`` fails in a second rather than after the training.
     """
     output = Path(output)
     if suffixes and output.suffix.lower() not in suffixes:
@@ -133,15 +133,11 @@ def check_output_path(output: Path, *inputs: Path | str | None, suffixes: tuple[
         src = src.resolve()
         if resolved == src:
             raise UsageError(f"{option} {output} is the same file as the input {inp}; choose another {option}")
-        if src.is_dir() and src in resolved.parents:
-            raise UsageError(f"{option} {output} is inside the input folder {inp}; choose another {option}")
     folder = _existing_parent(resolved)
     if not folder.is_dir():
         raise UsageError(f"{option} {output}: {folder} is not a folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{option} {output}: folder {folder} is not writable")
-    if output.exists() and not os.access(folder, os.W_OK):
-        raise UsageError(f"{option} {output} cannot be replaced: folder {folder} is read-only")
     return output
 
 

@@ -479,11 +479,14 @@ def test_data_folder_shapes(cli, data_copy, tmp_path, monkeypatch, shape):
 
 def _outputs(good: dict[str, Path], tmp: Path) -> list[tuple[str, list, tuple[str, ...], Callable | None]]:
     pt, on, d, npz = str(good["pt"]), str(good["onnx"]), str(good["data"]), str(good["npz"])
-    folder = tmp / "afolder"
+    folder = tmp / "afolder.pt"  # a folder with an output's suffix: only the folder check can refuse it
+    onnx_folder = tmp / "afolder.onnx"
+    npz_folder = tmp / "afolder.npz"
     a_file = tmp / "afile"
 
     def mk_folder() -> None:
-        folder.mkdir()
+        for f in (folder, onnx_folder, npz_folder):
+            f.mkdir()
 
     def mk_file() -> None:
         a_file.write_text("x")
@@ -492,11 +495,10 @@ def _outputs(good: dict[str, Path], tmp: Path) -> list[tuple[str, list, tuple[st
         shutil.copy(npz, tmp / "set.npz")
 
     return [
-        ("train -o folder", ["train", "-d", d, "-o", folder], ("folder",), mk_folder),
+        ("train -o folder", ["train", "-d", d, "-o", folder], ("is a folder",), mk_folder),
         ("train -o suffix", ["train", "-d", d, "-o", tmp / "t.onnx"], (".pt",), None),
         ("train -o under a file", ["train", "-d", d, "-o", a_file / "t.pt"], ("not a folder",), mk_file),
-        ("train -o inside data", ["train", "-d", d, "-o", good["data"] / "t.pt"], ("input folder",), None),
-        ("export -o folder", ["export", pt, "-d", d, "-o", folder], ("folder",), mk_folder),
+        ("export -o folder", ["export", pt, "-d", d, "-o", onnx_folder], ("is a folder",), mk_folder),
         ("export -o the input", ["export", pt, "-d", d, "-o", pt], (".onnx",), None),
         ("prune -o the input", ["prune", pt, "--sparsity", "0.5", "-d", d, "-o", pt], ("same file",), None),
         ("distill -o the teacher", ["distill", "--teacher", pt, "-s", "resnet20", "-d", d, "-o", pt],
@@ -510,8 +512,10 @@ def _outputs(good: dict[str, Path], tmp: Path) -> list[tuple[str, list, tuple[st
                                                    tmp / "q.onnx", "-o", tmp / "q.onnx"], ("--save-calib",), None),
         ("quantize --save-calib the input set", ["quantize", on, "--calib-data", tmp / "set.npz", "--save-calib",
                                                  tmp / "set.npz", "-o", tmp / "q.onnx"], ("same file",), copy_npz),
-        ("quantize --save-calib folder", ["quantize", on, "--calib-data", d, "--save-calib", folder,
-                                          "-o", tmp / "q.onnx"], ("--save-calib",), mk_folder),
+        ("quantize --save-calib folder", ["quantize", on, "--calib-data", d, "--save-calib", npz_folder,
+                                          "-o", tmp / "q.onnx"], ("--save-calib", "is a folder"), mk_folder),
+        ("quantize --save-calib the data", ["quantize", on, "--calib-data", d, "--save-calib", d, "-o",
+                                            tmp / "q.onnx"], ("--save-calib", ".npz"), None),
         ("build -o suffix", ["build", on, "-o", tmp / "e.onnx"], (".engine",), None),
     ]
 
