@@ -131,7 +131,7 @@ def load_image(path: str) -> Any:
     """
     import stat
 
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     try:
         if not stat.S_ISREG(os.stat(path).st_mode):
@@ -141,6 +141,9 @@ def load_image(path: str) -> Any:
             return img.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"image {path} cannot be opened (a dangling link?)", hint=BAD_IMAGE_HINT) from None
+    except UnidentifiedImageError:
+        reason = "an empty file" if os.path.getsize(path) == 0 else "not an image format PIL reads"
+        raise DataError(f"image {path} cannot be decoded ({reason})", hint=BAD_IMAGE_HINT) from None
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise DataError(f"image {path} cannot be decoded ({reason})", hint=BAD_IMAGE_HINT) from None
