@@ -159,12 +159,16 @@ def _ckpt_commands(bad: Path, good: dict[str, Path], out: Path) -> dict[str, lis
         "prune": ["prune", bad, "--sparsity", "0.5", "--finetune-epochs", "0", "-d", d, "-o", out / "p.pt"],
         "distill": ["distill", "--teacher", bad, "--student", "resnet20", "--epochs", "1", "-d", d,
                     "-o", out / "s.pt"],
+        "distill-student": ["distill", "--teacher", good["pt"], "--student", bad, "--epochs", "1", "-d", d,
+                            "-o", out / "s.pt"],
         "quantize": ["quantize", bad, "--mode", "fixed", "-o", out / "q.onnx"],
+        "quantize-qat": ["quantize", bad, "--mode", "qat", "-d", d, "-o", out / "q.onnx"],
         "bench": ["bench", bad, "-b", "1", "--iters", "1", "--warmup", "0", "--min-time", "0", "--rounds", "1"],
     }
 
 
-@pytest.mark.parametrize("command", ["info", "export", "prune", "distill", "quantize", "bench"])
+@pytest.mark.parametrize("command", ["info", "export", "prune", "distill", "distill-student", "quantize",
+                                     "quantize-qat", "bench"])
 @pytest.mark.parametrize("case", sorted(ALL_CKPT))
 def test_bad_checkpoint(cli, good, tmp_path, monkeypatch, case, command):
     monkeypatch.chdir(tmp_path)
@@ -238,13 +242,15 @@ def _onnx_commands(bad: Path, good: dict[str, Path], out: Path) -> dict[str, lis
         "info": ["info", bad],
         "quantize": ["quantize", bad, "--mode", "int8-dynamic", "-o", out / "q.onnx"],
         "bench": ["bench", bad, "-b", "1,4", "--iters", "1", "--warmup", "0", "--min-time", "0", "--rounds", "1"],
+        "build": ["build", bad, "-o", out / "e.engine"],
     }
 
 
+# build checks the graph's metadata and input before it needs TensorRT, so it runs here for those cases.
 # info describes any ONNX, classifier or not: only its metadata must be sound there.
 ONNX_PAIRS = [(case, command) for case in sorted([*ONNX_CASES, "garbage", "empty"])
-              for command in ("info", "quantize", "bench")
-              if not (command == "info" and case in ("add_graph", "fixed_batch"))]
+              for command in ("info", "quantize", "bench", "build")
+              if not (command in ("info", "build") and case in ("add_graph", "fixed_batch"))]
 
 
 @pytest.mark.parametrize("case,command", ONNX_PAIRS)
