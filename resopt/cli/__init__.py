@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -77,10 +78,18 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _usage_error(e: Exception, argv: list[str] | None) -> int:
-    """Click's usage errors as our one line first (Click prints usage lines before ``Error:``)."""
-    from typer._click import exceptions as cx
+def _click_exceptions() -> Any:
+    """Click's exception classes: Typer >= 0.2x vendors Click as ``typer._click`` (click is then absent)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
 
+
+def _usage_error(e: Exception) -> int:
+    """Click's usage errors as our one line first (Click prints usage lines before ``Error:``)."""
+    cx = _click_exceptions()
     if isinstance(e, cx.NoArgsIsHelpError):
         sys.stderr.write(e.ctx.get_help() + "\n" if e.ctx else str(e))
         return 2
@@ -97,8 +106,7 @@ def run(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    from typer._click import exceptions as cx
-
+    cx = _click_exceptions()
     debug = os.environ.get("RESOPT_DEBUG", "") not in ("", "0")
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -109,12 +117,12 @@ def run(argv: list[str] | None = None) -> int:
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except cx.ClickException as e:
-        return _usage_error(e, argv)
+        return _usage_error(e)
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("Error: interrupted; nothing was written\n")
+        sys.stderr.write("Error: interrupted; no partial file was left\n")
         return 130
     except Terminated:
-        sys.stderr.write("Error: terminated (SIGTERM); nothing was written\n")
+        sys.stderr.write("Error: terminated by SIGTERM; no partial file was left\n")
         return 143
     except (ResoptError, OSError) as e:
         if debug:
