@@ -541,6 +541,23 @@ def test_bad_output_refused_before_work(cli, good, tmp_path, monkeypatch, case):
     assert time.perf_counter() - t0 < 20  # refused up front, not after training or calibration
 
 
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+@pytest.mark.parametrize("command", ["train", "export", "quantize"])
+def test_read_only_output_folder_refused_before_work(cli, good, tmp_path, monkeypatch, command):
+    monkeypatch.chdir(tmp_path)
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    d = str(good["data"])
+    argv = {"train": ["train", "-d", d, "-o", ro / "t.pt"],
+            "export": ["export", good["pt"], "-d", d, "-o", ro / "x.onnx"],
+            "quantize": ["quantize", good["onnx"], "--calib-data", d, "-o", ro / "q.onnx"]}[command]
+    try:
+        _run(cli, [str(a) for a in argv], 2, ("not writable", str(ro)), [tmp_path, good["root"]])
+    finally:
+        ro.chmod(0o755)
+
+
 # ------------------------------------------------------- hangs, signals, full disk: subprocesses
 
 
