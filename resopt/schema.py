@@ -23,7 +23,7 @@ from resopt.errors import InputFileError
 MAX_INPUT_SIZE = 4096
 MAX_CLASSES = 100_000
 
-Size = Annotated[StrictInt, Field(ge=1, le=MAX_INPUT_SIZE)]
+Size = Annotated[StrictInt, Field(ge=8, le=MAX_INPUT_SIZE)]  # the same range as --input-size
 Name = Annotated[StrictStr, Field(min_length=1, max_length=256)]
 LineageEntry = dict[str, Any]
 
