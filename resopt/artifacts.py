@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import stat
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -24,13 +25,16 @@ from pathlib import Path
 from typing import Any
 
 from resopt import __version__
-from resopt.errors import InputFileError, UsageError
+from resopt.errors import InputFileError, OutputError, UsageError
 
 CHECKPOINT_FORMAT = "resopt.checkpoint"
 CHECKPOINT_VERSION = 1
 META_PREFIX = "resopt."
 
 KIND_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
+
+# A sidecar is a few KB of JSON; reading more than this means it is not one (and bounds the read).
+MAX_SIDECAR_BYTES = 16 << 20
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -48,11 +52,16 @@ def sha256_file(path: Path) -> str:
 def atomic_output(path: Path) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; rename it onto ``path`` only if the block succeeds.
 
-    A failed or interrupted command therefore never leaves a truncated artifact behind.
+    A failed or interrupted command (an exception, Ctrl-C, or SIGTERM, which the CLI turns into an
+    exception) therefore never leaves a truncated artifact behind. A full disk is one line naming the
+    output, whichever library was writing (torch.save reports it as a RuntimeError).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
@@ -62,9 +71,36 @@ def atomic_output(path: Path) -> Iterator[Path]:
         os.umask(umask)
         os.chmod(tmp_path, 0o666 & ~umask)
         os.replace(tmp_path, path)
+    except (OSError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and not _is_torch_write_error(e):
+            raise
+        raise OutputError(f"could not write {path}: {_write_failure(e, path)}") from None
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
+
+
+def _is_torch_write_error(e: RuntimeError) -> bool:
+    """torch.save reports a failed write (disk full, file size limit) as a RuntimeError from its zip writer."""
+    text = str(e)
+    return "inline_container" in text or "PytorchStreamWriter" in text or "file write failed" in text
+
+
+def _write_failure(e: BaseException, path: Path) -> str:
+    """Why a write failed, in words: the disk being full is the usual cause torch does not name."""
+    import errno
+    import shutil
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return e.strerror or "no space left"
+    try:
+        free = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = -1
+    if free == 0:
+        return "no space left on the device"
+    text = (e.strerror if isinstance(e, OSError) else None) or str(e).splitlines()[-1].strip()
+    return f"{text[:160]} (disk full or file size limit?)" if isinstance(e, RuntimeError) else text[:160]
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -72,24 +108,55 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text)
 
 
-def check_output_path(output: Path, *inputs: Path, suffixes: tuple[str, ...] | None = None) -> Path:
-    """Refuse to overwrite an input and check the output's suffix; returns the output path."""
+def check_output_path(output: Path, *inputs: Path | str | None, suffixes: tuple[str, ...] | None = None,
+                      option: str = "output") -> Path:
+    """Check an output before any work: right suffix, not a folder, not any input, in a writable folder.
+
+    ``inputs`` are every file and data folder the command reads (outputs never have an image suffix, so one
+    written inside a data folder cannot change what is read there). Returns the output path. Called by
+    every command that writes, so a bad ``-o`` fails in a second rather than after the training.
+    """
     output = Path(output)
-    for inp in inputs:
-        if inp is not None and output.exists() and output.resolve() == Path(inp).resolve():
-            raise UsageError(f"output {output} is the same file as the input; choose another -o")
     if suffixes and output.suffix.lower() not in suffixes:
-        raise UsageError(f"output {output} must end in {' or '.join(suffixes)}")
+        raise UsageError(f"{option} {output} must end in {' or '.join(suffixes)}")
+    if output.is_dir():
+        raise UsageError(f"{option} {output} is a folder; give a file name inside it")
+    if output.exists() and not output.is_file():
+        raise UsageError(f"{option} {output} exists and is not a regular file")
+    resolved = output.resolve()
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        src = Path(inp).expanduser()
+        if not src.exists():
+            continue
+        src = src.resolve()
+        if resolved == src:
+            raise UsageError(f"{option} {output} is the same file as the input {inp}; choose another {option}")
+    folder = _existing_parent(resolved)
+    if not folder.is_dir():
+        raise UsageError(f"{option} {output}: {folder} is not a folder")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{option} {output}: folder {folder} is not writable")
     return output
+
+
+def _existing_parent(path: Path) -> Path:
+    """The nearest existing ancestor (atomic_output creates missing folders below it)."""
+    p = path.parent
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p
 
 
 def artifact_kind(path: Path) -> str:
     """``pt``, ``onnx`` or ``engine`` from the file's suffix; a clear error for anything else."""
     path = Path(path)
     if not path.exists():
-        raise InputFileError(f"{path} does not exist")
+        raise InputFileError(f"{path} does not exist" + (" (a dangling link)" if path.is_symlink() else ""))
     if path.is_dir():
         raise InputFileError(f"{path} is a folder, not a model file")
+    require_regular(path)
     kind = KIND_BY_SUFFIX.get(path.suffix.lower())
     if kind is None:
         raise InputFileError(
@@ -97,6 +164,16 @@ def artifact_kind(path: Path) -> str:
             f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}"
         )
     return kind
+
+
+def require_regular(path: Path, what: str = "file") -> None:
+    """Refuse FIFOs, devices and sockets: reading one can block forever or never end."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        raise InputFileError(f"cannot read {what} {path}: {e.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise InputFileError(f"{what} {path} is not a regular file (a pipe, device or socket); refusing to read it")
 
 
 def require_kind(path: Path, *kinds: str, hint: str | None = None) -> str:
@@ -229,38 +306,70 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
         torch.save(ckpt, tmp)
 
 
-def load_checkpoint(path: Path) -> dict[str, Any]:
-    """Load a resopt ``.pt`` with ``weights_only=True``; pickled objects are refused, not executed."""
+def torch_load_plain(path: Path, *, what: str = "PyTorch checkpoint", device: Any = "cpu") -> Any:
+    """``torch.load(weights_only=True)`` with every failure as one ``InputFileError`` line naming ``path``."""
     import pickle
 
     import torch
 
-    path = Path(path)
-    require_kind(path, "pt")
+    require_regular(path, what)
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y"); anything
         # else it rejects is not a pickle stream of a checkpoint at all.
         refused = next((ln.split("GLOBAL", 1)[1].split()[0] for ln in str(e).splitlines() if "GLOBAL" in ln), None)
         if refused is None:
-            raise InputFileError(f"{path} is not a readable PyTorch checkpoint (corrupt pickle stream)") from None
+            raise InputFileError(f"{path} is not a readable {what} (corrupt pickle stream)") from None
         raise InputFileError(
-            f"{path} holds pickled Python objects ({refused}), not a plain checkpoint; refusing to load it",
-            hint="re-save the model as a state_dict, or train it with `resopt train`",
+            f"{path} holds pickled Python objects ({refused}), not plain tensors; refusing to load it",
+            hint="resopt reads only the plain checkpoints it writes (`resopt train`, `distill`, `prune`)",
         ) from None
     except Exception as e:  # zip errors, truncated files, random bytes
-        raise InputFileError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
+        raise InputFileError(f"{path} is not a readable {what} ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})") from None
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a resopt ``.pt`` with ``weights_only=True`` and check every field it carries.
+
+    Pickled objects are refused, not executed; a field of the wrong type or out of range is an
+    ``InputFileError`` naming it (see ``resopt.schema``).
+    """
+    from resopt.models import REGISTRY
+    from resopt.schema import CheckpointSchema, validate
+
+    path = Path(path)
+    require_kind(path, "pt")
+    ckpt = torch_load_plain(path)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(
             f"{path} was not written by resopt (no '{CHECKPOINT_FORMAT}' format tag)",
             hint="resopt reads checkpoints written by `resopt train`, `prune` or `distill`",
         )
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+    version = ckpt.get("format_version", 0)
+    if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
         raise InputFileError(f"{path} uses checkpoint format {ckpt['format_version']}, newer than this "
                              f"resopt understands ({CHECKPOINT_VERSION})", hint="upgrade resopt")
+    validate(CheckpointSchema, ckpt, path=path, what="checkpoint")
+    _check_finite(ckpt["state_dict"], path)
+    if ckpt["arch"] not in REGISTRY:
+        raise InputFileError(f"checkpoint {path} has a bad field arch: unknown architecture {ckpt['arch']!r}",
+                             hint="resopt info --archs lists the architectures this resopt builds")
     return ckpt
+
+
+def _check_finite(state_dict: dict[str, Any], path: Path) -> None:
+    """NaN or infinite weights make every later number meaningless (export parity, top-1): refuse them here."""
+    import torch
+
+    for name, t in state_dict.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            n = int((~torch.isfinite(t)).sum())
+            raise InputFileError(f"checkpoint {path} has a bad field state_dict.{name}: {n} NaN or infinite "
+                                 f"value{'s' * (n > 1)} (a diverged training?)",
+                                 hint="retrain with a lower --lr, or use an earlier checkpoint")
+    return
 
 
 def checkpoint_preprocess(ckpt: dict[str, Any]) -> Preprocess:
@@ -280,10 +389,13 @@ def stamp_onnx(model: Any, meta: dict[str, Any]) -> None:
         model.metadata_props.add(key=META_PREFIX + key, value=json.dumps(_jsonable(value)))
 
 
-def read_onnx_meta(model_or_path: Any) -> dict[str, Any]:
-    """The ``resopt.*`` metadata of an ONNX model (proto or path), JSON-decoded, prefix stripped."""
-    model = load_onnx(model_or_path, load_weights=False) if isinstance(model_or_path, (str, Path)) \
-        else model_or_path
+def read_onnx_meta(model_or_path: Any, *, path: Path | None = None) -> dict[str, Any]:
+    """The ``resopt.*`` metadata of an ONNX model (proto or path), JSON-decoded, prefix stripped, checked
+    against ``resopt.schema.OnnxMetaSchema`` (``path`` names a proto's file in the error)."""
+    from resopt.schema import OnnxMetaSchema, validate
+
+    is_path = isinstance(model_or_path, (str, Path))
+    model = load_onnx(model_or_path, load_weights=False) if is_path else model_or_path
     meta = {}
     for p in model.metadata_props:
         if p.key.startswith(META_PREFIX):
@@ -291,6 +403,8 @@ def read_onnx_meta(model_or_path: Any) -> dict[str, Any]:
                 meta[p.key[len(META_PREFIX):]] = json.loads(p.value)
             except json.JSONDecodeError:
                 meta[p.key[len(META_PREFIX):]] = p.value
+    where = Path(model_or_path) if is_path else (path or Path("(ONNX model)"))
+    validate(OnnxMetaSchema, meta, path=where, what="ONNX metadata of")
     return meta
 
 
@@ -346,10 +460,19 @@ def read_sidecar(engine: Path) -> dict[str, Any]:
     if not p.exists():
         raise InputFileError(f"{engine} has no sidecar {p.name}; resopt cannot tell how it was built",
                              hint=f"rebuild it with `resopt build MODEL.onnx -o {engine}`")
+    from resopt.schema import SidecarSchema, validate
+
+    require_regular(p, "sidecar")
+    with open(p, "rb") as f:
+        raw = f.read(MAX_SIDECAR_BYTES + 1)
+    if len(raw) > MAX_SIDECAR_BYTES:
+        raise InputFileError(f"sidecar {p} is larger than {MAX_SIDECAR_BYTES >> 20} MB; not a resopt sidecar")
     try:
-        return json.loads(p.read_text())
-    except json.JSONDecodeError:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise InputFileError(f"sidecar {p} is not valid JSON") from None
+    validate(SidecarSchema, data, path=p, what="sidecar")
+    return data  # type: ignore[no-any-return]
 
 
 # ------------------------------------------------------------------------------------------ metadata

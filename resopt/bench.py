@@ -614,6 +614,12 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
                 for i, w in enumerate(workers):
                     log(f"bench: top-1/top-5 of {planned[i].path.name} on {cfg.data}")
                     accuracy[i] = w.request("eval", cfg.data, cfg.limit_per_class, cfg.eval_batch_size)[1]
+                    bad = (accuracy[i] or {}).get("nonfinite_outputs")
+                    if bad:
+                        from resopt.console import warn
+
+                        warn(f"{planned[i].path.name}: {bad} of {accuracy[i]['images']} outputs are NaN or "  # type: ignore
+                             f"infinite (NaN weights?); its top-1 is meaningless")
                     bar.advance(1)
     finally:
         for w in workers:

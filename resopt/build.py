@@ -440,8 +440,12 @@ class CalibrationFeeder:
             self._transform = eval_transform(self.preprocess)
         xs = []
         for i in self.order[b * self.batch_size:(b + 1) * self.batch_size]:
-            with Image.open(io.BytesIO(self.calib_set.read(i))) as im:
-                xs.append(self._transform(im.convert("RGB")).numpy())
+            try:
+                with Image.open(io.BytesIO(self.calib_set.read(i))) as im:
+                    xs.append(self._transform(im.convert("RGB")).numpy())
+            except (OSError, ValueError) as e:
+                raise DataError(f"{self.calib_set.describe_item(i)} cannot be decoded ({type(e).__name__})") \
+                    from None
         return np.stack(xs).astype(np.float32, copy=False)
 
     def next_batch(self) -> Any | None:
@@ -757,10 +761,13 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
 
     onnx_path, output = Path(onnx_path), Path(output)
     require_kind(onnx_path, "onnx", hint="export a checkpoint first: resopt export MODEL.pt -o MODEL.onnx")
-    check_output_path(output, onnx_path, suffixes=(".engine", ".plan"))
+    check_output_path(output, onnx_path, cfg.data, cfg.calib_data, cfg.timing_cache, suffixes=(".engine", ".plan"))
+    check_output_path(sidecar_path(output), onnx_path, cfg.data, cfg.calib_data, cfg.timing_cache, option="sidecar")
+    if cfg.timing_cache is not None:
+        check_output_path(cfg.timing_cache, onnx_path, cfg.data, cfg.calib_data, option="--timing-cache")
     cfg.validate()
     model = load_onnx(onnx_path)
-    meta = read_onnx_meta(model)
+    meta = read_onnx_meta(model, path=onnx_path)
     preprocess = onnx_preprocess(meta, onnx_path)
     spec = onnx_input_spec(model, onnx_path)
     profile = resolve_profile(min_batch=cfg.min_batch, opt_batch=cfg.opt_batch, max_batch=cfg.max_batch,

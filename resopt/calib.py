@@ -46,6 +46,10 @@ class CalibSet:
     sha256: str
     available: int  # images in the source before sampling
     read: Callable[[int], bytes] = field(repr=False, compare=False)
+    name: Callable[[int], str] | None = field(default=None, repr=False, compare=False)  # item i's file
+
+    def describe_item(self, i: int) -> str:
+        return f"image {self.name(i)}" if self.name else f"calibration image {i} of {self.source}"
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -145,9 +149,18 @@ def _from_folder(text: str, folder: Path, *, num: int | None, seed: int) -> Cali
     classes = tuple(ds.classes)  # type: ignore[attr-defined]
 
     def read(i: int) -> bytes:
-        return chosen[i].read_bytes()
+        from resopt.data import BAD_IMAGE_HINT
 
-    return CalibSet(text, "folder", classes, labels, seed, _hash_items(classes, labels, read), len(files), read)
+        try:
+            if not chosen[i].is_file():  # a pipe named .jpg would block the read forever
+                raise DataError(f"image {chosen[i]} is not a regular file", hint=BAD_IMAGE_HINT)
+            return chosen[i].read_bytes()
+        except OSError as e:
+            raise DataError(f"image {chosen[i]} cannot be read ({e.strerror or type(e).__name__})",
+                            hint=BAD_IMAGE_HINT) from None
+
+    return CalibSet(text, "folder", classes, labels, seed, _hash_items(classes, labels, read), len(files), read,
+                    name=lambda i: str(chosen[i]))
 
 
 def _from_arrays(text: str, ds: Any, *, num: int | None, seed: int) -> CalibSet:
@@ -190,19 +203,36 @@ def save_calib_set(cs: CalibSet, path: Path) -> Path:
 def _load_saved(path: Path, *, num: int | None, seed: int) -> CalibSet:
     import numpy as np
 
+    from resopt.artifacts import require_regular
+    from resopt.schema import CalibMetaSchema, validate
+
     foreign = InputFileError(f"{path} is an .npz but not a resopt calibration set",
                              hint="write one with `resopt quantize MODEL.onnx --save-calib SET.npz`")
+    require_regular(path, "calibration set")
     try:
         with np.load(path, allow_pickle=False) as z:
             if not {"meta", "data", "offsets", "labels"} <= set(z.files):
                 raise foreign
             meta = json.loads(str(z["meta"]))
-            data, offsets, all_labels = z["data"], z["offsets"], [int(x) for x in z["labels"]]
-    except (OSError, ValueError, json.JSONDecodeError) as e:
+            data, offsets, labels_arr = z["data"], z["offsets"], z["labels"]
+    except (OSError, ValueError, EOFError, json.JSONDecodeError) as e:
         raise InputFileError(f"{path} is not a readable calibration set ({type(e).__name__})") from None
     if not isinstance(meta, dict) or meta.get("format") != CALIB_FORMAT:
         raise foreign
+    validate(CalibMetaSchema, meta, path=path, what="calibration set")
     classes = tuple(meta["classes"])
+    n = len(labels_arr) if labels_arr.ndim == 1 else -1
+    problem = (
+        "data: not a 1-D uint8 array" if data.dtype != np.uint8 or data.ndim != 1 else
+        "labels: not a 1-D integer array" if n < 0 or labels_arr.dtype.kind not in "iu" else
+        "labels: empty" if n == 0 else
+        f"labels: outside 0..{len(classes) - 1}" if labels_arr.min() < 0 or labels_arr.max() >= len(classes) else
+        f"offsets: not {n + 1} integers" if offsets.dtype.kind not in "iu" or offsets.shape != (n + 1,) else
+        "offsets: not increasing from 0 to the data size" if offsets[0] != 0 or offsets[-1] != len(data)
+        or bool((np.diff(offsets) <= 0).any()) else None)
+    if problem:
+        raise InputFileError(f"calibration set {path} has a bad field {problem}")
+    all_labels = [int(x) for x in labels_arr]
 
     def read_all(i: int) -> bytes:
         return data[offsets[i]:offsets[i + 1]].tobytes()
@@ -239,8 +269,7 @@ def calib_batches(cs: CalibSet, pre: Preprocess, *, batch_size: int, limit: int 
                 with Image.open(io.BytesIO(cs.read(i))) as im:
                     xs.append(transform(im.convert("RGB")).numpy())
             except (UnidentifiedImageError, OSError) as e:
-                raise DataError(f"calibration image {i} of {cs.source} cannot be decoded ({type(e).__name__})") \
-                    from None
+                raise DataError(f"{cs.describe_item(i)} cannot be decoded ({type(e).__name__})") from None
             ys.append(cs.labels[i])
         yield np.stack(xs).astype(np.float32, copy=False), np.asarray(ys, dtype=np.int64)
 

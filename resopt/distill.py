@@ -176,7 +176,8 @@ def distill_model(
     cfg.validate()
     dcfg.validate()
     teacher = Path(teacher)
-    output = check_output_path(Path(output), teacher, suffixes=(".pt", ".pth"))
+    output = check_output_path(Path(output), teacher, data.data, student, suffixes=(".pt", ".pth"))
+    check_output_path(resume_path_for(output), teacher, data.data, student, option="resume file")
     require_kind(teacher, "pt", hint="the teacher must be a .pt checkpoint (train, prune or distill output)")
     from resopt.artifacts import load_checkpoint
 

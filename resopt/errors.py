@@ -13,6 +13,11 @@ class ResoptError(Exception):
     exit_code = 1
 
     def __init__(self, message: str, *, hint: str | None = None) -> None:
+        # A DataLoader worker re-raises our error in the parent as ``cls("Caught X in DataLoader worker
+        # ...\nOriginal Traceback ...")``: keep the one line the worker raised, not the whole traceback.
+        if "\nOriginal Traceback" in message:
+            last = message.rstrip().splitlines()[-1]
+            message = last.split(": ", 1)[1] if ": " in last else last
         super().__init__(message)
         self.message = message
         self.hint = hint
@@ -37,6 +42,12 @@ class DataError(ResoptError):
     """A data folder that is missing, empty, or does not match the model."""
 
     exit_code = 4
+
+
+class OutputError(ResoptError):
+    """An output could not be written (disk full, file size limit, permissions); nothing is left behind."""
+
+    exit_code = 1
 
 
 class MissingDependencyError(ResoptError):

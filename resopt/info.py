@@ -151,7 +151,7 @@ def _describe_onnx(path: Path) -> dict[str, Any]:
             from None
     if not model.graph.node:
         raise InputFileError(f"{path} is not a valid ONNX model (its graph has no nodes)")
-    meta = read_onnx_meta(model)
+    meta = read_onnx_meta(model, path=path)
     stats = onnx_stats(model)
     pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
     inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}

@@ -14,6 +14,7 @@ class TopK:
     correct1: int = 0
     correct5: int = 0
     loss_sum: float = 0.0
+    nonfinite: int = 0  # samples whose logits hold NaN or inf (their argmax is meaningless)
     _extra: dict[str, Any] = field(default_factory=dict)
 
     def update(self, logits: Any, labels: Any, loss: float | None = None) -> None:
@@ -43,4 +44,7 @@ class TopK:
         return self.loss_sum / max(self.n, 1)
 
     def as_dict(self) -> dict[str, float]:
-        return {"top1": round(self.top1, 3), "top5": round(self.top5, 3), "images": self.n}
+        d: dict[str, float] = {"top1": round(self.top1, 3), "top5": round(self.top5, 3), "images": self.n}
+        if self.nonfinite:
+            d["nonfinite_outputs"] = self.nonfinite
+        return d

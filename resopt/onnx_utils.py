@@ -423,3 +423,30 @@ def onnx_stats(model: onnx.ModelProto) -> OnnxStats:
     return OnnxStats(params=params, nonzero_params=nonzero, macs=macs, opset=opset,
                      ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])))
 
+
+
+def check_classifier_graph(model: Any, path: object, *, image_size: int | None = None) -> None:
+    """Refuse an ONNX that resopt cannot run as an image classifier, with one line saying why.
+
+    resopt feeds one NCHW float batch of any size and reads one (batch, classes) output, so the graph needs
+    exactly one image input with a dynamic batch axis (``resopt export`` writes one) and one rank-2 output.
+    """
+    initializers = {i.name for i in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if len(inputs) != 1 or len(model.graph.output) != 1:
+        raise InputFileError(f"{path} has {len(inputs)} inputs and {len(model.graph.output)} outputs; resopt runs "
+                             f"single-input, single-output image classifiers")
+    dims = inputs[0].type.tensor_type.shape.dim
+    if len(dims) != 4:
+        raise InputFileError(f"{path} input {inputs[0].name!r} has rank {len(dims)}; expected NCHW images")
+    if dims[0].HasField("dim_value"):
+        raise InputFileError(f"{path} input {inputs[0].name!r} has a fixed batch of {dims[0].dim_value}; resopt "
+                             f"needs a dynamic batch axis", hint="export it with `resopt export MODEL.pt`")
+    size = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
+    if size[0] not in (3, None) or (image_size is not None and size[1:] not in ([image_size] * 2, [None, None])):
+        raise InputFileError(f"{path} input {inputs[0].name!r} has shape (N, {', '.join(map(str, size))}); its "
+                             f"metadata says 3 x {image_size} x {image_size} images")
+    out_dims = model.graph.output[0].type.tensor_type.shape.dim
+    if len(out_dims) != 2:
+        raise InputFileError(f"{path} output {model.graph.output[0].name!r} has rank {len(out_dims)}; a classifier "
+                             f"outputs (batch, classes)")

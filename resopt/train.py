@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from resopt.artifacts import (
     Preprocess,
     atomic_output,
+    check_output_path,
     lineage_entry,
     make_checkpoint,
     save_checkpoint,
@@ -271,13 +272,22 @@ def fit(
     best: dict[str, Any] = {"top1": -1.0, "top5": 0.0, "epoch": 0, "state": None}
     history: list[dict[str, float]] = []
     if resume and resume_path is not None and resume_path.exists():
-        state = torch.load(resume_path, map_location=device, weights_only=True)
+        from resopt.artifacts import torch_load_plain
+        from resopt.schema import ResumeSchema, validate
+
+        start_over = f"delete {resume_path} to start over"
+        state = torch_load_plain(resume_path, what="resume state", device=device)
+        validate(ResumeSchema, state, path=resume_path, what="resume state", hint=start_over)
         if state.get("config") != _config_key(cfg):
             raise UsageError(f"{resume_path} was written with other training options; cannot resume",
-                             hint=f"delete {resume_path} to start over")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+                             hint=start_over)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise InputFileError(f"resume state {resume_path} does not fit this model "
+                                 f"({str(e).splitlines()[0][:120]})", hint=start_over) from None
         start_epoch, history = int(state["epoch"]), list(state["history"])
         best = {"top1": state["best_top1"], "top5": state["best_top5"], "epoch": state["best_epoch"],
                 "state": state["best_state"]}
@@ -457,9 +467,9 @@ def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, inp
         eval_set = source.dataset("test", eval_transform(preprocess)) if source.test_dir or \
             source.kind == "torchvision" else None
         if eval_set is not None:
-            from resopt.data import check_classes
+            from resopt.data import check_split_classes
 
-            check_classes(classes, classes_of(eval_set), model_name="train split", data=opts.data)
+            check_split_classes(classes, classes_of(eval_set), data=opts.data)
             eval_set = limit_per_class(eval_set, opts.limit_per_class, seed=opts.seed)
         split = "test" if eval_set is not None else "none"
     return PreparedData(train_set, eval_set, classes, preprocess, split)
@@ -483,9 +493,8 @@ def train_model(
     spec = get_spec(arch)
     cfg.validate()
     resolve_device(cfg.device)  # fail before the data is read, not after
-    output = Path(output)
-    if output.suffix not in (".pt", ".pth"):
-        raise UsageError(f"output {output} must end in .pt")
+    output = check_output_path(Path(output), data.data, suffixes=(".pt", ".pth"))
+    check_output_path(resume_path_for(output), data.data, option="resume file")
     prepared = prepare_data(data, input_size=input_size, arch_default_size=spec.default_input_size)
     pre = prepared.preprocess
     if pretrained:

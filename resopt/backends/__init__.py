@@ -104,8 +104,13 @@ def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> A
 
     if runner.max_batch is not None:
         batch_size = min(batch_size, runner.max_batch)
+    import numpy as np
+
     acc = TopK()
     # workers=0: bench evaluates inside daemonic worker processes, which may not start DataLoader workers.
     for images, labels in make_loader(dataset, batch_size, shuffle=False, workers=0):
-        acc.update(runner.infer(images.numpy()), labels.numpy())
+        logits = runner.infer(images.numpy())
+        # NaN logits still yield an argmax (class 0): count them so top-1 is not reported as if it meant something.
+        acc.nonfinite += int((~np.isfinite(logits)).any(axis=1).sum())
+        acc.update(logits, labels.numpy())
     return acc

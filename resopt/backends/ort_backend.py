@@ -46,10 +46,14 @@ class OrtRunner(Runner):
     runtime_modules = ("onnxruntime", "onnx")
 
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None) -> None:
-        from resopt.artifacts import onnx_preprocess, read_onnx_meta
+        from resopt.artifacts import load_onnx, onnx_preprocess, read_onnx_meta
+        from resopt.onnx_utils import check_classifier_graph
 
-        self.meta = read_onnx_meta(path)
+        self.path = Path(path)
+        graph = load_onnx(path, load_weights=False)
+        self.meta = read_onnx_meta(graph, path=path)
         self.preprocess = onnx_preprocess(self.meta, path)
+        check_classifier_graph(graph, path, image_size=self.preprocess.input_size)
         self.input_size = self.preprocess.input_size
         self.session = make_session(path, device=device, threads=threads)
         self.device = "cuda" if device in ("gpu", "cuda") else "cpu"

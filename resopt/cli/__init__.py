@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from typing import Any
 
 import typer
 
@@ -61,7 +62,7 @@ def report_error(e: BaseException) -> int:
     """Print a one-line error (and hint) to stderr; return the exit code."""
     if isinstance(e, ResoptError):
         msg, hint, code = e.message, e.hint, e.exit_code
-    else:  # OSError: disk full, permission denied, ...
+    else:  # OSError: permission denied, ...
         msg, hint, code = f"{type(e).__name__}: {e}", "set RESOPT_DEBUG=1 for the traceback", 1
     sys.stderr.write(f"Error: {msg}\n")
     if hint:
@@ -69,18 +70,67 @@ def report_error(e: BaseException) -> int:
     return code
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that every ``finally`` (temporary files) runs as for Ctrl-C."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _click_exceptions() -> Any:
+    """Click's exception classes: Typer >= 0.2x vendors Click as ``typer._click`` (click is then absent)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions  # type: ignore[no-redef]
+    return exceptions
+
+
+def _usage_error(e: Exception) -> int:
+    """Click's usage errors as our one line first (Click prints usage lines before ``Error:``)."""
+    cx = _click_exceptions()
+    if isinstance(e, cx.NoArgsIsHelpError):
+        sys.stderr.write(e.ctx.get_help() + "\n" if e.ctx else str(e))
+        return 2
+    assert isinstance(e, cx.ClickException)
+    sys.stderr.write(f"Error: {e.format_message()}\n")
+    if isinstance(e, cx.UsageError):
+        cmd = e.ctx.command_path if e.ctx else "resopt"
+        sys.stderr.write(f"Hint: {cmd} --help\n")
+    return e.exit_code
+
+
 def run(argv: list[str] | None = None) -> int:
     """Run the CLI on ``argv`` and return the exit code (tests call this in-process)."""
+    import signal
+    import threading
+
+    cx = _click_exceptions()
     debug = os.environ.get("RESOPT_DEBUG", "") not in ("", "0")
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
-        app(args=argv, prog_name="resopt", standalone_mode=True)
+        code = app(args=argv, prog_name="resopt", standalone_mode=False)
+        return code if isinstance(code, int) else 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except cx.ClickException as e:
+        return _usage_error(e)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("Error: interrupted; no partial file was left\n")
+        return 130
+    except Terminated:
+        sys.stderr.write("Error: terminated by SIGTERM; no partial file was left\n")
+        return 143
     except (ResoptError, OSError) as e:
         if debug:
             raise
         return report_error(e)
-    return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, emit, human_bytes, human_count
+from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, check_options, check_range, emit, human_bytes, human_count
 
 
 def bench_cmd(
@@ -44,9 +44,13 @@ def bench_cmd(
 
     On the GPU: resopt bench r18.pt r18.onnx r18.fp16.engine --device gpu --batch-size 1,64,256 --data cifar10
     """
+    check_options(locals())
     from resopt.bench import BenchConfig, bench_models, parse_batch_sizes, parse_pt_variants
 
-    cfg = BenchConfig(batch_sizes=parse_batch_sizes(batch_size), threads=threads, warmup=warmup, iters=iters,
+    sizes = parse_batch_sizes(batch_size)
+    for b in sizes:
+        check_range("batch_size", b)
+    cfg = BenchConfig(batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
                       min_seconds=min_time, rounds=rounds, device=device, data=data,
                       limit_per_class=limit_per_class, pt_variants=parse_pt_variants(pt_variants))
     report = bench_models(models, cfg)

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, emit, human_bytes, kv_table
+from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, check_options, emit, human_bytes, kv_table
 
 
 def build_cmd(
@@ -54,6 +54,7 @@ def build_cmd(
 
     Example: resopt build r18.onnx --fp16 -o r18.fp16.engine --data cifar10
     """
+    check_options(locals())
     from resopt.build import BuildConfig, build_engine
     from resopt.cli.common import default_output
 

@@ -24,6 +24,7 @@ from resopt.cli.common import (
     WarmupOpt,
     WeightDecayOpt,
     WorkersOpt,
+    check_options,
     emit,
     human_count,
     kv_table,
@@ -74,6 +75,7 @@ def distill_cmd(
     Example: resopt distill --teacher r56.pt --student resnet20 --alpha 0.5 --temperature 4 --epochs 30
     --data cifar10 -o r20.kd.pt
     """
+    check_options(locals())
     from resopt.distill import DistillConfig, distill_model
     from resopt.errors import UsageError
     from resopt.train import DataOptions, TrainConfig

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import JsonOpt, default_output, emit, human_bytes, human_count, kv_table
+from resopt.cli.common import JsonOpt, check_options, default_output, emit, human_bytes, human_count, kv_table
 
 
 def export_cmd(
@@ -36,6 +36,7 @@ def export_cmd(
 
     Example: resopt export r20.pt -o r20.onnx --data examples/cifar10-mini
     """
+    check_options(locals())
     from resopt.export import ExportConfig, export_onnx
 
     cfg = ExportConfig(opset=opset, exporter=exporter, data=data, split=split, num_verify=num_verify,

@@ -24,6 +24,7 @@ from resopt.cli.common import (
     WarmupOpt,
     WeightDecayOpt,
     WorkersOpt,
+    check_options,
     default_output,
     emit,
     human_bytes,
@@ -102,6 +103,7 @@ def prune_cmd(
 
       resopt prune r20.pt --analyze --sparsity 0.5 --data cifar10
     """
+    check_options(locals())
     from resopt.errors import UsageError
     from resopt.train import DataOptions, TrainConfig
 

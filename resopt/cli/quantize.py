@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, default_output, emit, human_bytes
+from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, check_options, default_output, emit, human_bytes
 
 
 def quantize_cmd(
@@ -80,6 +80,7 @@ def quantize_cmd(
 
     Example: resopt quantize r20.onnx --mode int8 -o r20.int8.onnx --data examples/cifar10-mini
     """
+    check_options(locals())
     from resopt.quantize import QuantizeConfig, quantize_model
     from resopt.train import TrainConfig
 

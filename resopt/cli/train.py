@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, emit, human_count, kv_table
+from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, check_options, emit, human_count, kv_table
 
 
 def train_cmd(
@@ -42,6 +42,7 @@ def train_cmd(
 
     Example: resopt train --arch resnet20 --data cifar10 --epochs 30 -o r20.pt
     """
+    check_options(locals())
     from resopt.errors import UsageError
     from resopt.train import DataOptions, TrainConfig, train_model
 

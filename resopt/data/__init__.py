@@ -118,14 +118,63 @@ def _named_source(name: str, *, download: bool) -> DataSource:
 # --------------------------------------------------------------------------------------- datasets
 
 
-def image_folder(folder: Path, transform: Any = None) -> Dataset:
-    """torchvision ImageFolder; its loader converts grayscale, palette and RGBA images to RGB."""
-    from torchvision.datasets import ImageFolder
+BAD_IMAGE_HINT = "remove or replace that file: resopt does not skip unreadable images, so that every " \
+    "measured number covers the whole folder"
+
+
+def load_image(path: str) -> Any:
+    """One image as RGB (grayscale, palette and RGBA converted), or a ``DataError`` naming the file.
+
+    Unreadable images are an error, never skipped: a silently smaller data set would change every
+    accuracy resopt reports and records in lineage. A pipe or device named ``.jpg`` is refused before
+    it is opened, because reading it could block forever.
+    """
+    import stat
+
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        return ImageFolder(str(folder), transform=transform)
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f"image {path} is not a regular file", hint=BAD_IMAGE_HINT)
+        with open(path, "rb") as f:
+            img = Image.open(f)
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"image {path} cannot be opened (a dangling link?)", hint=BAD_IMAGE_HINT) from None
+    except UnidentifiedImageError:
+        reason = "an empty file" if os.path.getsize(path) == 0 else "not an image format PIL reads"
+        raise DataError(f"image {path} cannot be decoded ({reason})", hint=BAD_IMAGE_HINT) from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+        raise DataError(f"image {path} cannot be decoded ({reason})", hint=BAD_IMAGE_HINT) from None
+
+
+def image_folder(folder: Path, transform: Any = None) -> Dataset:
+    """torchvision ImageFolder with ``load_image`` (every unreadable file named); at least two classes."""
+    from torchvision.datasets import ImageFolder
+
+    _check_no_loops(folder)
+    try:
+        ds = ImageFolder(str(folder), transform=transform, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"cannot read images from {folder}: {str(e).splitlines()[0]}") from None
+    if len(ds.classes) < 2:
+        raise DataError(f"data folder {folder} has {len(ds.classes)} class folder"
+                        f"{'s' * (len(ds.classes) != 1)} ({', '.join(ds.classes)}); a classifier needs at least 2",
+                        hint="put each class's images in its own subfolder")
+    return ds
+
+
+def _check_no_loops(folder: Path) -> None:
+    """A symlink that points back up the tree makes ImageFolder read the same images again and again."""
+    seen: dict[str, str] = {}
+    for dirpath, _dirs, _files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            raise DataError(f"data folder {folder} reaches {real} twice ({seen[real]} and {dirpath}): a symlink "
+                            f"loop or a duplicated folder would repeat its images",
+                            hint="remove the symlink so every image is read once")
+        seen[real] = dirpath
 
 
 def targets_of(dataset: Dataset) -> list[int]:
@@ -201,16 +250,13 @@ def probe_image_size(source: DataSource, *, samples: int = 16) -> int:
     """The smaller side of the first images of the training split (CIFAR pickles: 32)."""
     if source.kind == "torchvision":
         return 32
-    from PIL import Image
-
     folder = source.train_dir or source.test_dir
     assert folder is not None
     sizes = []
     for dirpath, _dirs, files in sorted(os.walk(folder)):
         for f in sorted(files):
             if f.lower().endswith(IMAGE_SUFFIXES):
-                with Image.open(Path(dirpath) / f) as im:
-                    sizes.append(min(im.size))
+                sizes.append(min(load_image(str(Path(dirpath) / f)).size))
                 if len(sizes) >= samples:
                     return max(sizes)
     if not sizes:
@@ -292,6 +338,18 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int =
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=n_workers, generator=gen, drop_last=drop_last,
                       persistent_workers=n_workers > 0, pin_memory=False)
+
+
+def check_split_classes(train_classes: Sequence[str], test_classes: Sequence[str], *, data: str) -> None:
+    """The evaluation split must hold the same class folders as train/ (else labels would not line up)."""
+    if list(train_classes) == list(test_classes):
+        return
+    missing = [c for c in train_classes if c not in test_classes]
+    extra = [c for c in test_classes if c not in train_classes]
+    what = "; ".join(x for x in (f"lacks {', '.join(missing[:5])}" if missing else "",
+                                 f"has extra {', '.join(extra[:5])}" if extra else "") if x)
+    raise DataError(f"the test split of data {data} does not have train/'s classes: it {what}",
+                    hint="give train/ and test/ the same class folders")
 
 
 def check_classes(model_classes: Sequence[str], data_classes: Sequence[str], *, model_name: str, data: str) -> None:

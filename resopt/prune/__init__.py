@@ -244,8 +244,13 @@ def prune_checkpoint(
 
     cfg.validate()
     model_path = Path(model_path)
+    output = check_output_path(Path(output), model_path, data.data, cfg.teacher, suffixes=(".pt", ".pth"))
     model, ckpt = _load_parent(model_path)
-    output = check_output_path(Path(output), model_path, suffixes=(".pt", ".pth"))
+    if cfg.round_to and cfg.method in STRUCTURED:
+        widest = max((w[1] for w in model_widths(model).values() if len(w) == 3), default=0)
+        if cfg.round_to >= widest:
+            raise UsageError(f"--round-to {cfg.round_to} is not below the widest conv of {model_path.name} "
+                             f"({widest} channels): no layer could lose a channel", hint="use --round-to 8 or 16")
     dcfg = DistillConfig(cfg.alpha, cfg.temperature)
     dcfg.validate()
     ft_cfg = replace(train, epochs=max(1, cfg.finetune_epochs))
@@ -488,7 +493,7 @@ def _check_shrunk(result: PruneResult) -> None:
     b, a = result.before, result.after
     if result.method in STRUCTURED:
         if not (a.params < b.params and a.macs < b.macs):
-            raise VerificationError(f"structured pruning removed nothing (params {b.params} -> {a.params}, MACs "
+            raise UsageError(f"structured pruning removed nothing (params {b.params} -> {a.params}, MACs "
                                     f"{b.macs} -> {a.macs})",
                                     hint="raise --sparsity, or lower --round-to (narrow layers round back up)")
     elif not a.nonzero_params < b.nonzero_params:

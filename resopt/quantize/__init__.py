@@ -260,9 +260,12 @@ class _Source:
 
 
 def _open_onnx(path: Path, given: Path) -> _Source:
+    from resopt.onnx_utils import check_classifier_graph
+
     proto = load_onnx(path)
-    meta = read_onnx_meta(proto)
+    meta = read_onnx_meta(proto, path=given)
     pre = onnx_preprocess(meta, given)
+    check_classifier_graph(proto, given, image_size=pre.input_size)
     _check_float_model(proto, given)
     return _Source(path, given, meta, pre, list(meta.get("classes", [])))
 
@@ -322,6 +325,17 @@ def _check_excluded_exist(model: Path, exclude: tuple[str, ...]) -> None:
 # ------------------------------------------------------------------------------------------ pipeline
 
 
+def check_outputs(output: Path, cfg: QuantizeConfig, *inputs: Path) -> None:
+    """``-o`` and ``--save-calib`` checked before any work: suffixes, folders, and neither over an input
+    (the model, ``--calib-data``, ``--data``) nor over each other."""
+    check_output_path(output, *inputs, cfg.calib_data, cfg.data, suffixes=(".onnx",))
+    if cfg.save_calib is not None:
+        save = Path(cfg.save_calib)
+        check_output_path(save, *inputs, cfg.calib_data, cfg.data, suffixes=(".npz",), option="--save-calib")
+        if save.resolve() == Path(output).resolve():
+            raise UsageError(f"--save-calib {save} is the same file as -o; choose another name")
+
+
 def quantize_model(model: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     """The command's entry: an ``.onnx`` for every mode but qat; a ``.pt`` for qat, kmeans and fixed."""
     cfg.validate()
@@ -332,7 +346,7 @@ def quantize_model(model: Path, output: Path, cfg: QuantizeConfig) -> QuantizeRe
 
         return quantize_qat(model, output, cfg)
     if kind == "pt" and cfg.mode in ("kmeans", "fixed"):
-        check_output_path(output, model, suffixes=(".onnx",))
+        check_outputs(output, cfg, model)
         with tempfile.TemporaryDirectory(prefix="resopt-export-") as tmp:
             fp32 = _export(model, Path(tmp) / (model.stem + ".onnx"), cfg)
             return quantize_onnx(fp32, output, cfg, given=model)
@@ -359,7 +373,7 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
         stem = model.name[: -len(model.suffix)]
         raise InputFileError(f"{model} is a PyTorch checkpoint; --mode {cfg.mode} quantizes an ONNX model",
                              hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
-    check_output_path(output, model, given, suffixes=(".onnx",))
+    check_outputs(output, cfg, model, given)
     src = _open_onnx(model, given)
     cs = _calib_set(cfg, src.classes) if (cfg.needs_calibration or cfg.data is None or cfg.save_calib) else None
     evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
@@ -529,8 +543,7 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
         raise VerificationError(
             f"{cfg.mode} result agrees with its {produced.reference_name} on only {cmp.agreement:.2f}% of "
             f"{cmp.images} {on} images (minimum {floor:g}%)",
-            hint="try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
-                 "--exclude the sensitive layers, or lower --min-agreement")
+            hint=_agreement_hint(cfg))
 
     lint: QdqLint | None = None
     if cfg.mode in ("int8", "qat", "int8-dynamic") or (cfg.mode == "fixed" and cfg.act_bits):
@@ -584,3 +597,15 @@ def _write(src: Path, output: Path, parent_meta: dict[str, Any], *, parent: Path
     meta["quantization"] = quantization
     stamp_onnx(proto, meta)
     save_onnx(proto, output)
+
+
+def _agreement_hint(cfg: QuantizeConfig) -> str:
+    """What can raise the agreement of *this* mode: calibration options only where there is calibration."""
+    if cfg.mode == "kmeans":
+        return "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement"
+    if cfg.mode == "fixed":
+        return "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement"
+    if not cfg.needs_calibration:
+        return "--exclude the sensitive layers, or lower --min-agreement"
+    return ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
+            "--exclude the sensitive layers, or lower --min-agreement")

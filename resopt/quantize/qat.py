@@ -289,7 +289,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
-    check_output_path(output, checkpoint, suffixes=(".onnx",))
+    check_output_path(output, checkpoint, cfg.data, cfg.calib_data, suffixes=(".onnx",))
     model, ckpt = load_model(checkpoint)
     pre = checkpoint_preprocess(ckpt)
     classes = list(ckpt["classes"])
