@@ -122,8 +122,8 @@ def _mark_pareto(records: list[Record], metric: str, coords: list[tuple[str, int
     for i in pareto_front([(float(r.file_bytes or 0), float(r.metric(metric) or 0)) for r in sized]):
         sized[i].pareto.append("size")
     for device, bs in coords:
-        timed = [(r, r.latency_at(device, bs)) for r in records if r.metric(metric) is not None]
-        timed = [(r, c) for r, c in timed if c is not None]
+        timed = [(r, c) for r in records if r.metric(metric) is not None
+                 and (c := r.latency_at(device, bs)) is not None]
         for i in pareto_front([(c.p50_ms, float(r.metric(metric) or 0)) for r, c in timed]):
             timed[i][0].pareto.append(f"{device} b{bs}")
 

@@ -146,7 +146,15 @@ def gather_inputs(inputs: list[Path], *, skip: Path | None = None) -> tuple[list
         raise InputFileError(f"no model files (.pt, .onnx, .engine) or bench JSON found in "
                              f"{', '.join(str(i) for i in inputs)}",
                              hint="resopt report runs/ (a folder of artifacts) runs/bench.json")
-    return list(dict.fromkeys(artifacts)), list(dict.fromkeys(benches))
+    def unique(paths: list[Path]) -> list[Path]:  # a file named and also found in a named folder: once
+        out, seen = [], set()
+        for p in paths:
+            if p.resolve() not in seen:
+                seen.add(p.resolve())
+                out.append(p)
+        return out
+
+    return unique(artifacts), unique(benches)
 
 
 def _looks_like_bench(path: Path) -> bool:
