@@ -202,6 +202,8 @@ def tree_plot(nodes: Sequence[tuple[str, int, str, str]], *, title: str) -> Any:
 
 def curves_plot(runs: Sequence[tuple[str, list[dict[str, Any]]]], *, title: str) -> Any:
     """Loss, train top-1 and test top-1 per epoch, one line per training or fine-tuning run."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.6), dpi=DPI)
     fig.subplots_adjust(left=0.05, right=0.98, top=0.80, bottom=0.13, wspace=0.22)
@@ -211,7 +213,8 @@ def curves_plot(runs: Sequence[tuple[str, list[dict[str, Any]]]], *, title: str)
             pts = [(i + 1, r[key]) for i, r in enumerate(rows) if r.get(key) is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name)
-        ax.set_xlabel("epoch (fine-tuning epochs counted on from 1)")
+        ax.set_xlabel("epoch of the run")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.25)
         if not ax.lines:

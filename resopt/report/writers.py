@@ -76,8 +76,8 @@ def legend_lines(report: Report) -> list[str]:
     lines = [f"{MISSING}: not recorded by any input (never estimated).",
              "†: the accuracy the producing command recorded on its own evaluation split (no `bench --data` "
              "measurement of this file among the inputs); other accuracies were measured by `resopt bench --data`.",
-             f"★ Pareto: no other row is at least as good in {report.metric_name} and at most as large "
-             "(size) or as slow (DEVICE bN: p50 latency per batch of N on that device).",
+             f"★ Pareto: no other row has at least the {report.metric_name} and at most the file size (size) or "
+             "the p50 latency per batch of N on that device (DEVICE bN), and is better in one of the two.",
              "vs reference: file size and p50 latency ratios against the reference row, and the difference in "
              f"{report.metric_name} points" + (f" (latency at {report.device} batch {report.batch_size})."
                                                if report.device else ".")]
