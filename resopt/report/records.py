@@ -127,9 +127,11 @@ def gather_inputs(inputs: list[Path], *, skip: Path | None = None) -> tuple[list
         if not inp.exists():
             raise InputFileError(f"{inp} does not exist")
         if inp.is_dir():
+            # The report's own folder inside an input folder is not searched (-o runs/report with runs/);
+            # -o runs itself writes only .md, .html, .png and .svg there, which are never inputs.
+            own = skip.resolve() if skip is not None and skip.resolve() != inp.resolve() else None
             for f in sorted(inp.rglob("*")):
-                if not f.is_file() or f.name.startswith(".") or \
-                        (skip is not None and skip.resolve() in f.resolve().parents):
+                if not f.is_file() or f.name.startswith(".") or (own is not None and own in f.resolve().parents):
                     continue
                 if f.suffix.lower() in KIND_BY_SUFFIX:
                     artifacts.append(f)
