@@ -372,3 +372,17 @@ def test_report_into_the_input_folder_twice(chain: dict[str, Path], tmp_path: Pa
         assert code == 0, err
         assert [r["name"] for r in json.loads(out)["records"]] == ["r20.pt"]
     assert (tmp_path / "report.md").exists() and (tmp_path / "plots" / "curves.png").exists()
+
+
+def test_lineage_accuracies_are_drawn_hollow() -> None:
+    from resopt.report.plots import TECHNIQUE_COLORS, Point, scatter_plot
+
+    fig = scatter_plot([Point("a.pt", 1.0, 90.0, "pruned", "pt", measured=False), Point("b.onnx", 0.5, 89.0,
+                                                                                       "pruned", "onnx")],
+                       xlabel="file size (MB)", ylabel="top-1 accuracy (%)", title="t")
+    hollow, filled = fig.axes[0].collections[:2]
+    assert tuple(hollow.get_facecolors()[0][:3]) == (1.0, 1.0, 1.0)
+    orange = tuple(int(TECHNIQUE_COLORS["pruned"][i:i + 2], 16) / 255 for i in (1, 3, 5))
+    assert tuple(hollow.get_edgecolors()[0][:3]) == pytest.approx(orange)
+    assert tuple(filled.get_facecolors()[0][:3]) == pytest.approx(orange)
+    assert "from lineage (†)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]

@@ -30,6 +30,7 @@ class Point:
     y: float
     technique: str
     kind: str
+    measured: bool = True  # False: the accuracy its producing command recorded, not a bench --data run (hollow)
 
 
 def _pyplot() -> Any:
@@ -56,8 +57,9 @@ def scatter_plot(points: Sequence[Point], *, xlabel: str, ylabel: str, title: st
     if log_x:
         ax.set_xscale("log")
     for p in points:
-        ax.scatter(p.x, p.y, s=60, color=TECHNIQUE_COLORS.get(p.technique, "#7f7f7f"),
-                   marker=KIND_MARKERS.get(p.kind, "X"), edgecolors="white", linewidths=0.8, zorder=3)
+        color = TECHNIQUE_COLORS.get(p.technique, "#7f7f7f")
+        ax.scatter(p.x, p.y, s=60, facecolors=color if p.measured else "white", marker=KIND_MARKERS.get(p.kind, "X"),
+                   edgecolors="white" if p.measured else color, linewidths=0.8 if p.measured else 1.6, zorder=3)
     front = pareto_front([(p.x, p.y) for p in points])
     if front:
         fx = [points[i].x for i in front]
@@ -76,6 +78,9 @@ def scatter_plot(points: Sequence[Point], *, xlabel: str, ylabel: str, title: st
                for t in techniques]
     handles += [Line2D([], [], linestyle="", marker=KIND_MARKERS[k], markersize=8, color="#555555",
                        label=KIND_NAMES[k]) for k in kinds]
+    if not all(p.measured for p in points):
+        handles.append(Line2D([], [], linestyle="", marker="o", markersize=8, markerfacecolor="white",
+                              markeredgecolor="#555555", label="from lineage (†)"))
     if front:
         handles.append(Line2D([], [], linestyle="--", color="black", marker="o", markerfacecolor="none",
                               markersize=10, label="Pareto frontier"))

@@ -87,6 +87,10 @@ def legend_lines(report: Report) -> list[str]:
 # ---------------------------------------------------------------------------------------------- plots
 
 
+def _measured(r: Record) -> bool:
+    return not (r.accuracy_source or "").startswith("lineage")
+
+
 def make_plots(report: Report, plots_dir: Path) -> list[tuple[str, Path]]:
     """Draw every plot the inputs have numbers for; returns (caption, png path) pairs."""
     from resopt.report.plots import Point, curves_plot, save_figure, scatter_plot, tree_plot
@@ -95,7 +99,7 @@ def make_plots(report: Report, plots_dir: Path) -> list[tuple[str, Path]]:
     label = f"{report.metric_name} accuracy (%)"
     out: list[tuple[str, Path]] = []
     title = report.config.title
-    pts = [Point(r.name, r.file_bytes / 1e6, float(r.metric(metric) or 0), r.technique, r.kind)
+    pts = [Point(r.name, r.file_bytes / 1e6, float(r.metric(metric) or 0), r.technique, r.kind, _measured(r))
            for r in report.records if r.file_bytes and r.metric(metric) is not None]
     if pts:
         png = plots_dir / f"{metric}_vs_size.png"
@@ -107,7 +111,7 @@ def make_plots(report: Report, plots_dir: Path) -> list[tuple[str, Path]]:
         for r in report.records:
             c = r.latency_at(device, bs)
             if c is not None and r.metric(metric) is not None:
-                pts.append(Point(r.name, c.p50_ms, float(r.metric(metric) or 0), r.technique, r.kind))
+                pts.append(Point(r.name, c.p50_ms, float(r.metric(metric) or 0), r.technique, r.kind, _measured(r)))
         if not pts:
             continue
         png = plots_dir / f"{metric}_vs_latency_{device}_b{bs}.png"
