@@ -189,6 +189,7 @@ class ModelBench:
     accuracy: dict[str, float] | None = None  # top1, top5 (percent), images
     load_seconds: float = 0.0
     variant: str = ""  # a .pt's PT_VARIANTS name; "" for other files
+    sha256: str = ""  # of the file measured: `resopt report` joins bench rows to artifacts by it
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -216,7 +217,8 @@ class BenchReport:
         models = []
         for m in self.models:
             models.append({
-                "file": str(m.path), "name": m.path.name, "kind": m.kind, "provider": m.provider,
+                "file": str(m.path), "name": m.path.name, "sha256": m.sha256, "kind": m.kind,
+                "provider": m.provider,
                 "device": m.device, "file_bytes": m.file_bytes, "params": m.params,
                 "nonzero_params": m.nonzero_params, "macs": m.macs, "input_size": m.input_size,
                 "peak_memory_bytes": m.peak_memory_bytes, "accuracy": m.accuracy,
@@ -567,6 +569,7 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
     """Measure every file at every batch size (and its accuracy with ``cfg.data``); see the module doc."""
     import multiprocessing
 
+    from resopt.artifacts import sha256_file
     from resopt.console import log, progress
 
     cfg = replace(cfg, batch_sizes=parse_batch_sizes(cfg.batch_sizes))
@@ -635,7 +638,7 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
             path=p.path, kind=p.kind, provider=ready[i]["provider"], device=ready[i]["device"],
             file_bytes=p.path.stat().st_size, params=p.stats.params, nonzero_params=p.stats.nonzero_params,
             macs=p.stats.macs, input_size=int(ready[i]["input_size"]), batches=batches, accuracy=accuracy[i],
-            load_seconds=float(ready[i]["load_seconds"]), variant=p.variant))
+            load_seconds=float(ready[i]["load_seconds"]), variant=p.variant, sha256=sha256_file(p.path)))
     host = host_info(cfg.device)
     host["load_average"] = {"before": load_before, "after": host.pop("load_average", None)}
     return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host)

@@ -242,7 +242,8 @@ def distill_model(
             **(options or {})}
     parent = Path(student) if student_ckpt is not None else None
     lineage = list(student_ckpt.get("lineage", [])) if student_ckpt is not None else []
-    lineage.append(lineage_entry("distill", options=opts, parent=parent, metrics=metrics,
+    lineage.append(lineage_entry("distill", options=opts, parent=parent,
+                                 metrics={**metrics, "history": result.history},
                                  extra_parents={"teacher": teacher}))
     ckpt = make_checkpoint(arch=arch, arch_kwargs=arch_kwargs, state_dict=model.state_dict(),
                            classes=prepared.classes, preprocess=pre, lineage=lineage, metrics=metrics,

@@ -517,7 +517,8 @@ def train_model(
             **(options or {})}
     ckpt = make_checkpoint(arch=arch, arch_kwargs={"width": width}, state_dict=model.state_dict(),
                            classes=prepared.classes, preprocess=pre,
-                           lineage=[lineage_entry("train", options=opts, metrics=metrics)],
+                           lineage=[lineage_entry("train", options=opts,
+                                                 metrics={**metrics, "history": result.history})],
                            metrics=metrics, widths=model_widths(model))
     if int(os.environ.get("RANK", "0")) == 0:
         save_checkpoint(ckpt, output)

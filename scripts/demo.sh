@@ -19,7 +19,9 @@ for m in r20 r20.p50; do
   resopt quantize "$OUT/$m.onnx" --mode int8 -o "$OUT/$m.int8.onnx" --data "$DATA"
 done
 resopt bench "$OUT/r20.pt" "$OUT/r20.onnx" "$OUT/r20.int8.onnx" "$OUT/r20.p50.onnx" "$OUT/r20.p50.int8.onnx" \
-  --data "$DATA" --batch-size 1,32 --rounds 2 --min-time 1
+  --data "$DATA" --batch-size 1,32 --rounds 2 --min-time 1 --json > "$OUT/bench.json"
 resopt info "$OUT/r20.p50.int8.onnx"
+# The table and plots of the whole run (REPORT=docs/demo regenerates the README's images).
+resopt report "$OUT" "$OUT/bench.json" -o "${REPORT:-$OUT/report}" --title "make demo: ResNet-20 on cifar10-mini"
 
 echo "demo finished in $(( $(date +%s) - start )) s; artifacts in $OUT/" >&2

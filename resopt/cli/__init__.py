@@ -25,6 +25,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("quantize", "resopt.cli.quantize", "quantize_cmd"),
     ("build", "resopt.cli.build", "build_cmd"),
     ("bench", "resopt.cli.bench", "bench_cmd"),
+    ("report", "resopt.cli.report", "report_cmd"),
     ("info", "resopt.cli.info", "info_cmd"),
     ("env", "resopt.cli.env", "env_cmd"),
 ]

@@ -310,11 +310,14 @@ def prune_checkpoint(
             "data": data.data, "limit_per_class": data.limit_per_class, "val_split": data.val_split,
             **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"}, **(options or {})}
     extra = {"teacher": Path(cfg.teacher)} if cfg.teacher is not None else None
+    # The fine-tuning curves (every fine-tune, in order) travel in the lineage for `resopt report`.
+    history = [row for f in result.fits for row in f.history]
     out_ckpt = make_checkpoint(
         arch=ckpt["arch"], arch_kwargs=ckpt.get("arch_kwargs", {}), state_dict=model.state_dict(),
         classes=ckpt["classes"], preprocess=pre, metrics=result.metrics(), widths=model_widths(model),
         lineage=list(ckpt.get("lineage", [])) + [lineage_entry("prune", options=opts, parent=model_path,
-                                                               metrics=result.metrics(), extra_parents=extra)])
+                                                               metrics={**result.metrics(), "history": history},
+                                                               extra_parents=extra)])
 
     # The checkpoint must rebuild from its recorded widths alone, into the same function.
     images, _ = stack_images(prepared.eval, 64)
