@@ -26,11 +26,9 @@ def _run(*args: object) -> tuple[int, str, str]:
 
 
 @pytest.fixture(scope="module")
-def r20_onnx(trained_pt: Path, cifar_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bench") / "r20.onnx"
-    code, _, err = _run("export", trained_pt, "-o", out, "--data", cifar_small, "--num-verify", 20)
-    assert code == 0, err
-    return out
+def r20_onnx(r20_onnx_session: Path) -> Path:
+    """The session's exported model (read-only)."""
+    return r20_onnx_session
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,9 @@ TRT_HINT = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensor
 
 
 @pytest.fixture(scope="module")
-def r20_onnx(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path, cifar_small: Path) -> Path:
+def r20_onnx(r20_onnx_session: Path) -> Path:
     """The session's narrow ResNet-20, exported (and verified) by resopt's own exporter; read-only."""
-    from resopt.export import ExportConfig, export_onnx
-
-    out = tmp_path_factory.mktemp("build_onnx") / "r20.onnx"
-    export_onnx(trained_pt, out, ExportConfig(data=str(cifar_small), num_verify=16))
-    return out
+    return r20_onnx_session
 
 
 @pytest.fixture

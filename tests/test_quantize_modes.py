@@ -8,19 +8,18 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import copy_to
 from onnx import numpy_helper
 
 from resopt.artifacts import read_onnx_meta, sha256_file, stamp_onnx
-from resopt.export import ExportConfig, export_onnx
 from resopt.quantize.fixed import fixed_format, to_fixed
 from resopt.quantize.kmeans import distinct_values_per_weight, kmeans_1d
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(trained_pt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("modes") / "r20.onnx"
-    export_onnx(trained_pt, out, ExportConfig(num_verify=20))
-    return out
+def fp32_onnx(r20_onnx_session: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's exported model, copied: tests here write their results next to it."""
+    return copy_to(r20_onnx_session, tmp_path_factory.mktemp("modes"))
 
 
 def _weights(model: onnx.ModelProto) -> dict[str, np.ndarray]:
