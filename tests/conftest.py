@@ -182,3 +182,34 @@ def copy_to(src: Path, folder: Path, name: str | None = None) -> Path:
 def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def resnet20_counts(base: int, num_classes: int = 10, size: int = 32) -> dict[str, int]:
+    """Parameters, BatchNorm channels and MACs of the CIFAR ResNet-20 (He et al. 2016: a 3x3 stem, 3 stages
+    of 3 basic blocks with base, 2*base and 4*base channels, a 1x1 projection shortcut with BatchNorm where a
+    stage changes width, global pooling and a linear classifier), counted from the architecture by hand.
+
+    The expectation for the counts the commands report, independent of resopt's hook-based counters:
+    ``--width 0.5`` is base 8: 68,786 parameters (68,394 once export folds the 392 BatchNorm channels into
+    conv biases) and 10,314,048 MACs at 32x32.
+    """
+    params = 3 * base * 9 + 2 * base  # stem conv + its BatchNorm (scale, shift)
+    macs = size * size * base * 3 * 9
+    bn = base
+    c_in, hw = base, size
+    for stage, width in enumerate((base, 2 * base, 4 * base)):
+        if stage:
+            hw //= 2
+        for block in range(3):
+            cin = c_in if block == 0 else width
+            params += 9 * cin * width + 9 * width * width + 4 * width  # two 3x3 convs, two BatchNorms
+            macs += hw * hw * width * 9 * (cin + width)
+            bn += 2 * width
+            if block == 0 and cin != width:  # projection shortcut, 1x1 stride 2, with BatchNorm
+                params += cin * width + 2 * width
+                macs += hw * hw * width * cin
+                bn += width
+        c_in = width
+    params += 4 * base * num_classes + num_classes
+    macs += 4 * base * num_classes
+    return {"params": params, "bn_channels": bn, "folded_params": params - bn, "macs": macs}
