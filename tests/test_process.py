@@ -56,6 +56,12 @@ def snapshot(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
+def leftovers(tmp: Path) -> list[str]:
+    """What resopt left in its TMPDIR: its scratch folders are named resopt-*, its atomic writes *.tmp.
+    Libraries keep files of their own there (a telemetry session file ``.ses``), not resopt's to remove."""
+    return sorted(p.name for p in tmp.iterdir() if p.name.startswith("resopt") or p.suffix == ".tmp")
+
+
 def one_json_document(stdout: str) -> dict:
     doc = json.loads(stdout)  # raises on an empty stdout and on anything after the first document
     assert isinstance(doc, dict)
@@ -109,10 +115,13 @@ def test_success_prints_one_json_document_and_adds_only_its_output(command, mode
     if command == "build" and not (HAS_TRT and has_cuda()):
         pytest.skip("building an engine needs TensorRT and a CUDA GPU")
     args, outputs = SUCCESS[command]
-    proc = resopt(command, *args(models, data, tmp_path), "--json", cwd=tmp_path)
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir(), tmp.mkdir()
+    proc = resopt(command, *args(models, data, out), "--json", cwd=out, env={"TMPDIR": str(tmp)})
     assert proc.returncode == 0, proc.stderr
     doc = one_json_document(proc.stdout)
-    assert set(snapshot(tmp_path)) == set(outputs), "a successful command adds its output and nothing else"
+    assert set(snapshot(out)) == set(outputs), "a successful command adds its output and nothing else"
+    assert leftovers(tmp) == [], "temporary files left in TMPDIR"
     assert "Error:" not in proc.stderr
     if command == "bench":  # several worker processes, still one document on stdout
         assert [r["name"] for r in doc["models"]] == ["r20.onnx", "r20.int8.onnx"]
@@ -194,7 +203,10 @@ def test_failure_exit_code_empty_stdout_and_nothing_left_behind(command, args, c
     argv = [command, *args(models, data, tmp_path)]
     if command != "env":
         argv.append("--json")
-    proc = resopt(*argv, cwd=tmp_path)
+    scratch = tmp_path.parent / f"{tmp_path.name}-tmpdir"
+    scratch.mkdir()
+    proc = resopt(*argv, cwd=tmp_path, env={"TMPDIR": str(scratch)})
+    assert leftovers(scratch) == [], "temporary files left in TMPDIR"
     assert proc.returncode == code, proc.stderr
     assert proc.stdout == "", "a failed command prints nothing on stdout, even with --json"
     assert message in proc.stderr
