@@ -1,14 +1,14 @@
 """Shared fixtures: real CIFAR-10 images from ../shared/datasets, unpacked once into a cache.
 
-Only the first ``PER_CLASS`` images of each class and split are unpacked (GNU tar with a wildcard: about
-1 s instead of 13 s for the whole archive through Python's ``tarfile``); every subset the tests cut
+Only the first ``PER_CLASS`` images of each class and split are unpacked (GNU tar with a wildcard: 0.5 s
+here, where Python's ``tarfile`` took 13 s for the whole archive); every subset the tests cut
 (``make_subset``) is taken from those. ``RESOPT_TEST_CACHE`` chooses the cache folder (default
 ``.cache/data``); a cache that already holds the full archive (marker ``.complete``) is used as it is.
 Without the archive the image tests skip, except in CI (``CI=true``), where a missing data set is an
 error: a suite that skips its real-image tests proves nothing.
 
-The suite trains one narrow model once per session (``trained_pt``), exports it once (``r20_onnx``) and
-quantizes that once (``r20_int8_onnx``); these session files are read-only for the tests (a test that
+The suite trains one narrow model once per session (``trained_pt``), exports it once (``r20_onnx_session``)
+and quantizes that once (``r20_int8_session``); these session files are read-only for the tests (a test that
 writes next to a model copies it into its own folder first). Most command tests run in-process through
 ``resopt.cli.run`` (``cli`` fixture) to avoid paying torch's import per command; the contracts that only
 a real process can show (exit status, the bytes on stdout, files left behind) are in test_process.py.
