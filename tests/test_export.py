@@ -115,7 +115,7 @@ def test_cli_json_is_the_only_stdout(cli, trained_pt: Path, cifar_small: Path, t
     r = cli("export", trained_pt, "-o", out, "--data", cifar_small, "--num-verify", 30, "--tolerance", 0.01,
             "--json")
     assert r.code == 0, r.stderr
-    d = r.json()  # stdout parses as exactly one JSON document: no exporter chatter
+    d = r.json()  # what resopt writes to sys.stdout is one JSON document (the process's fd 1: test_process)
     v = d["verification"]
     assert v["images"] == 30 and v["batch_sizes"] == [16, 14]
     assert v["max_abs_diff"] <= v["allowed_abs_diff"] == pytest.approx(0.01 * max(1.0, v["logit_scale"]))

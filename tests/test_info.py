@@ -8,21 +8,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
 import torch
-from conftest import CLASSES
+from conftest import CLASSES, copy_to, resnet20_counts
 from torch import nn
 
 from resopt.artifacts import load_checkpoint, read_onnx_meta, sha256_file, write_sidecar
-from resopt.export import ExportConfig, export_onnx
 from resopt.info import describe_model
-from resopt.models import REGISTRY, count_macs, count_params, model_from_checkpoint
-from resopt.onnx_utils import onnx_param_counts
+from resopt.models import REGISTRY, model_from_checkpoint
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path) -> dict[str, Path]:
+def chain(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path, r20_onnx_session: Path) -> dict[str, Path]:
     """r20.pt -> r20.onnx (resopt export) -> r20.int8.onnx (onnxruntime Q/DQ, metadata carried over)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -33,8 +30,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path) -> dict[st
     folder = tmp_path_factory.mktemp("info")
     pt = folder / "r20.pt"
     shutil.copy(trained_pt, pt)
-    onnx_path = folder / "r20.onnx"
-    export_onnx(pt, onnx_path, ExportConfig(num_verify=20))
+    onnx_path = copy_to(r20_onnx_session, folder)  # exported from trained_pt, whose copy ``pt`` is
 
     pre = Preprocess.from_dict(load_checkpoint(pt)["preprocess"])
     images, _ = stack_images(load_eval_set(find_default_calib(CLASSES), pre, per_class=2))
@@ -60,8 +56,10 @@ def test_pt_info(cli, chain: dict[str, Path]) -> None:
     ckpt = load_checkpoint(pt)
     model = model_from_checkpoint(ckpt)
     assert (d["kind"], d["format"], d["arch"], d["num_classes"]) == ("pt", "PyTorch checkpoint", "resnet20", 10)
-    assert (d["params"], d["nonzero_params"]) == count_params(model)
-    assert d["macs"] == count_macs(model, 32)
+    hand = resnet20_counts(8)  # --width 0.5
+    assert (d["params"], d["macs"]) == (hand["params"], hand["macs"]) == (68_786, 10_314_048)
+    # Trained float weights: none is exactly zero, so every parameter counts as non-zero.
+    assert d["nonzero_params"] == sum(int((p != 0).sum()) for p in model.parameters()) == hand["params"]
     assert d["input_size"] == 32 and d["mean"] == ckpt["preprocess"]["mean"] and d["std"] == ckpt["preprocess"]["std"]
     assert d["file_size"] == pt.stat().st_size and d["sha256"] == sha256_file(pt)
     assert [s["command"] for s in d["lineage_steps"]] == ["train"]
@@ -76,8 +74,8 @@ def test_onnx_info_table_and_json(cli, chain: dict[str, Path]) -> None:
     assert r.code == 0, r.stderr
     d = r.json()
     assert d["kind"] == "onnx" and d["format"] == "ONNX opset 18, FP32" and d["arch"] == "resnet20"
-    assert (d["params"], d["nonzero_params"]) == onnx_param_counts(onnx.load(path))
-    assert d["macs"] == count_macs(model_from_checkpoint(load_checkpoint(pt)), 32)
+    hand = resnet20_counts(8)  # BatchNorm folded into the convs: 2 per channel became 1 bias per channel
+    assert (d["params"], d["nonzero_params"], d["macs"]) == (hand["folded_params"],) * 2 + (hand["macs"],)
     assert d["details"]["inputs"] == [{"name": "input", "shape": ["batch", 3, 32, 32]}]
     assert [s["command"] for s in d["lineage_steps"]] == ["train", "export"]
     export = d["lineage_steps"][1]
@@ -112,14 +110,16 @@ def test_engine_info_from_sidecar(cli, chain: dict[str, Path], tmp_path: Path) -
                                   "options": {"precision": "fp16", "min_batch": 1, "max_batch": 32},
                                   "parent": {"file": "r20.onnx", "sha256": sha256_file(chain["onnx"])},
                                   "metrics": {"top1_agreement": 99.5, "max_abs_diff": 0.002}}]
-    write_sidecar(engine, {"arch": "resnet20", "classes": CLASSES, "preprocess": meta["preprocess"],
-                           "precision": "fp16", "built_with": {"tensorrt": "10.3.0", "gpu": "NVIDIA L4"},
-                           "lineage": lineage, "metrics": {}})
+    sidecar = _sidecar(engine, meta, lineage)
+    write_sidecar(engine, sidecar)
     r = cli("info", engine, "--json")
     assert r.code == 0, r.stderr
     d = r.json()
     assert (d["kind"], d["format"], d["arch"]) == ("engine", "TensorRT engine, fp16", "resnet20")
     assert d["details"]["built_with"]["gpu"] == "NVIDIA L4"
+    # This machine is not an L4 with TensorRT 10.3.0 (or has no GPU / no TensorRT at all): never runnable.
+    assert d["details"]["runs_here"] is False
+    assert d["details"]["runs_here_reason"].startswith("no: ")
     assert [s["command"] for s in d["lineage_steps"]] == ["train", "export", "build"]
     assert d["lineage_steps"][2]["options"] == {"precision": "fp16", "min_batch": 1, "max_batch": 32}
     assert d["params"] == meta["lineage"][-1]["metrics"]["params"]  # the source ONNX's count
@@ -129,6 +129,72 @@ def test_engine_info_from_sidecar(cli, chain: dict[str, Path], tmp_path: Path) -
     bare.write_bytes(b"plan")
     r = cli("info", bare)
     assert r.code == 3 and r.stderr.startswith("Error: ") and "has no sidecar bare.engine.json" in r.stderr
+
+
+L4 = {"tensorrt": "10.3.0", "cuda": "12.4", "gpu": "NVIDIA L4", "compute_capability": "8.9", "driver": "550.54"}
+
+
+def _sidecar(engine: Path, meta: dict, lineage: list) -> dict:
+    """A sidecar with every field `resopt build` writes and `bench` requires (literal values)."""
+    return {"format": "resopt.engine", "format_version": 1, "built_with": dict(L4), "precision": "fp16",
+            "profile": {"min": 1, "opt": 8, "max": 32}, "arch": "resnet20", "classes": CLASSES,
+            "preprocess": meta["preprocess"], "lineage": lineage, "metrics": {},
+            "engine": {"file": engine.name, "bytes": engine.stat().st_size, "sha256": sha256_file(engine)}}
+
+
+def test_engine_sidecar_is_validated_like_bench_does(cli, chain: dict[str, Path], tmp_path: Path) -> None:
+    meta = read_onnx_meta(chain["onnx"])
+    engine = tmp_path / "r20.engine"
+    engine.write_bytes(b"plan")
+    good = _sidecar(engine, meta, meta["lineage"])
+    for broken, message in (({k: v for k, v in good.items() if k != "profile"}, "lacks profile"),
+                            ({k: v for k, v in good.items() if k != "format"}, "was not written by `resopt build`"),
+                            ({**good, "format_version": 99}, "newer than this resopt understands")):
+        write_sidecar(engine, broken)
+        r = cli("info", engine)
+        assert r.code == 3, (message, r.stdout, r.stderr)
+        assert r.stdout == "" and r.stderr.startswith("Error: ") and message in r.stderr
+
+
+def test_engine_runs_here_names_the_reason(chain: dict[str, Path], tmp_path: Path) -> None:
+    from resopt.info import engine_runs_here
+
+    meta = read_onnx_meta(chain["onnx"])
+    engine = tmp_path / "r20.engine"
+    engine.write_bytes(b"plan")
+    side = _sidecar(engine, meta, meta["lineage"])
+    assert engine_runs_here(side, engine, here=dict(L4)) == (
+        True, "yes: built with TensorRT 10.3.0 on NVIDIA L4 (compute capability 8.9), as this machine has")
+    ok, why = engine_runs_here(side, engine, here={**L4, "gpu": "NVIDIA H100", "compute_capability": "9.0"})
+    assert not ok and why.startswith("no: r20.engine was built with TensorRT 10.3.0 on NVIDIA L4")
+    assert "NVIDIA H100" in why and why.endswith("only with the GPU it was built for")
+    ok, why = engine_runs_here(side, engine, here={**L4, "tensorrt": "10.7.0"})
+    assert not ok and "TensorRT 10.7.0 on NVIDIA L4" in why and why.endswith("only with the TensorRT version it "
+                                                                            "was built for")
+    ok, _ = engine_runs_here(side, engine, here={**L4, "tensorrt": "10.3.0.26"})  # a build number is no release
+    assert ok
+    engine.write_bytes(b"another plan")
+    assert engine_runs_here(side, engine, here=dict(L4)) == (
+        False, "no: the engine file does not match its sidecar (sha256 differs); it was replaced after the build")
+
+
+def test_engine_runs_here_on_this_machine(chain: dict[str, Path], tmp_path: Path) -> None:
+    """What this machine lacks, checked in bench's order: a CUDA GPU first, then TensorRT."""
+    import importlib.util
+
+    from resopt.info import engine_runs_here
+
+    meta = read_onnx_meta(chain["onnx"])
+    engine = tmp_path / "r20.engine"
+    engine.write_bytes(b"plan")
+    ok, why = engine_runs_here(_sidecar(engine, meta, meta["lineage"]), engine)
+    assert not ok
+    if not torch.cuda.is_available():
+        assert why.startswith("no: a TensorRT engine needs an NVIDIA GPU, but ")
+    elif importlib.util.find_spec("tensorrt") is None:
+        assert why == "no: TensorRT is not installed (the `tensorrt` Python package)"
+    else:
+        assert "was built with TensorRT 10.3.0 on NVIDIA L4" in why
 
 
 def test_archs_lists_the_registry_without_torch(cli) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import resnet20_counts
 
 from resopt.artifacts import load_checkpoint, make_checkpoint, save_checkpoint, sha256_file
 from resopt.models import build_model, count_macs, count_params, model_from_checkpoint
@@ -39,6 +40,9 @@ def test_l1_struct_one_shot_shrinks_reloads_and_exports(cli, trained_pt: Path, c
     # ResNet-20 at width 0.5 has 8/16/32-channel groups: halving each one leaves a quarter of the MACs.
     assert d["channel_sparsity"] == pytest.approx(0.5)
     assert 0.2 < a["macs"] / b["macs"] < 0.3 and 0.2 < a["params"] / b["params"] < 0.3
+    # Counted by hand: the parent is ResNet-20 with base width 8, the child exactly base width 4.
+    assert (b["params"], b["macs"]) == (resnet20_counts(8)["params"], resnet20_counts(8)["macs"])
+    assert (a["params"], a["macs"]) == (resnet20_counts(4)["params"], resnet20_counts(4)["macs"])
     assert b["file_bytes"] == trained_pt.stat().st_size and a["file_bytes"] == out.stat().st_size
     assert a["file_bytes"] < 0.5 * b["file_bytes"]
     assert d["eval_images"] == 50 and d["finetune_epochs"] == 1
@@ -53,14 +57,16 @@ def test_l1_struct_one_shot_shrinks_reloads_and_exports(cli, trained_pt: Path, c
     assert ckpt["lineage"][0]["command"] == "train"
     assert ckpt["metrics"]["top1"] == a["top1"] and ckpt["metrics"]["parent_top1"] == b["top1"]
 
-    # The pruned model exports and runs in onnxruntime with the same logits.
-    import numpy as np
-    import onnxruntime as ort
+    # The pruned checkpoint goes through `resopt export` (dynamo, the default) like any .pt, verified
+    # against PyTorch on real images; its graph holds the pruned widths (BatchNorm folded).
+    r = cli("export", out, "-o", tmp_path / "p50.onnx", "--data", cifar_small, "--num-verify", 20, "--json")
+    assert r.code == 0, r.stderr
+    e = r.json()
+    assert e["verification"]["top1_agreement"] == 1.0 and e["verification"]["max_abs_diff"] < 1e-4
+    from resopt.info import describe_model
 
-    x = torch.randn(2, 3, 32, 32)
-    torch.onnx.export(model, (x,), tmp_path / "p50.onnx", dynamo=False, input_names=["x"])
-    sess = ort.InferenceSession(str(tmp_path / "p50.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"x": x.numpy()})[0], model(x).detach().numpy(), atol=1e-4)
+    onnx_info = describe_model(tmp_path / "p50.onnx")
+    assert (onnx_info.params, onnx_info.macs) == (resnet20_counts(4)["folded_params"], resnet20_counts(4)["macs"])
 
 
 def test_iterative_reaches_the_requested_sparsity(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:
@@ -68,7 +74,7 @@ def test_iterative_reaches_the_requested_sparsity(cli, trained_pt: Path, cifar_s
                "--sparsity", "0.5", "--finetune-epochs", "1")
     steps = d["steps"]
     assert [s["step"] for s in steps] == [1, 2] and all("top1_finetuned" in s for s in steps)
-    # Step 1 removes a quarter of the channels, step 2 the rest of the half.
+    # Two steps towards half the channels: each step removes some, and the last step's model is the result.
     assert d["before"]["params"] > steps[0]["params"] > steps[1]["params"] == d["after"]["params"]
     assert d["channel_sparsity"] == pytest.approx(0.5)
     _, ckpt = _reload(tmp_path / "it.pt")
@@ -203,7 +209,11 @@ def test_variants_prune_through_depthwise_and_se(arch: str, cli, trained_pt: Pat
         assert w["layer1.0.se.fc2"] == [2, 4, 1] and w["layer3.0.se.fc2"][1] == w["layer3.0.conv2"][1] == 16
     x = torch.randn(2, 3, 32, 32)
     assert pruned(x).shape == (2, 10)
-    torch.onnx.export(pruned, (x,), tmp_path / "p.onnx", dynamo=False)
+    # And it exports like any checkpoint: onnxruntime gives PyTorch's logits on real images (else exit 6).
+    r = cli("export", tmp_path / "p.pt", "-o", tmp_path / "p.onnx", "--exporter", "torchscript",
+            "--data", cifar_small, "--num-verify", 10, "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["verification"]["max_abs_diff"] < 1e-3
 
 
 def _pre(ckpt: dict):
@@ -269,3 +279,12 @@ def test_output_may_not_overwrite_the_parent(cli, trained_pt: Path, cifar_small:
     r = cli("prune", parent, "--data", cifar_small, "--sparsity", "0.5", "-o", parent)
     assert r.code == 2 and "is the same file as the input" in r.stderr
     assert sha256_file(parent) == before
+
+
+def test_same_seed_same_pruned_weights(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:
+    for name, seed in (("a.pt", 5), ("b.pt", 5), ("c.pt", 6)):
+        _prune(cli, trained_pt, cifar_small, tmp_path / name, "--sparsity", "0.5", "--finetune-epochs", "1",
+               "--seed", seed)
+    a, b, c = (load_checkpoint(tmp_path / n)["state_dict"] for n in ("a.pt", "b.pt", "c.pt"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a), "another seed must give other fine-tuned weights"

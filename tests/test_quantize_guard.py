@@ -8,30 +8,29 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import copy_to
 from onnx import numpy_helper
 
 from resopt.artifacts import read_onnx_meta
-from resopt.export import ExportConfig, export_onnx
 from resopt.onnx_utils import onnx_macs
 from resopt.quantize.guard import exclusion_steps, sqnr_db
 from resopt.quantize.lint import lint_qdq
 
 
 @pytest.fixture(scope="module")
-def fp32_onnx(trained_pt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("guard") / "r20.onnx"
-    export_onnx(trained_pt, out, ExportConfig(num_verify=20))
-    return out
+def fp32_onnx(r20_onnx_session: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's exported model, copied: tests here write their results next to it."""
+    return copy_to(r20_onnx_session, tmp_path_factory.mktemp("guard"))
 
 
 @pytest.fixture(scope="module")
-def trt_and_cpu(fp32_onnx: Path) -> tuple[Path, Path]:
+def trt_and_cpu(fp32_onnx: Path, r20_int8_session: Path) -> tuple[Path, Path]:
+    """The same calibration (64 images) in both flavours; the cpu one is the session's INT8 model."""
     from resopt.quantize import QuantizeConfig, quantize_model
 
-    trt, cpu = fp32_onnx.with_name("r20.trt.onnx"), fp32_onnx.with_name("r20.cpu.onnx")
+    trt = fp32_onnx.with_name("r20.trt.onnx")
     quantize_model(fp32_onnx, trt, QuantizeConfig(target="trt", num_calib=64))
-    quantize_model(fp32_onnx, cpu, QuantizeConfig(target="cpu", num_calib=64))
-    return trt, cpu
+    return trt, r20_int8_session
 
 
 def _graph(path: Path):

@@ -82,18 +82,19 @@ def test_cosine_schedule_with_warmup() -> None:
     assert TrainConfig(optimizer="adamw").base_lr() == pytest.approx(1e-3)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--epochs", "0"], "Error: --epochs must be at least 1, got 0"),
-    (["--optimizer", "lamb"], "Error: unknown optimizer 'lamb'; choose one of: sgd, adamw"),
-    (["--arch", "resnet21"], "Error: unknown architecture 'resnet21'"),
-    (["--val-split", "1.2"], "Error: --val-split must be in (0, 1), got 1.2"),
-    (["--device", "cuda"], "Error: --device cuda was asked for but no CUDA GPU is visible"),
+@pytest.mark.parametrize("args, code, message", [  # codes: the README's table (2 options, 8 hardware)
+    (["--epochs", "0"], 2, "Error: --epochs must be at least 1, got 0"),
+    (["--optimizer", "lamb"], 2, "Error: unknown optimizer 'lamb'; choose one of: sgd, adamw"),
+    (["--arch", "resnet21"], 2, "Error: unknown architecture 'resnet21'"),
+    (["--val-split", "1.2"], 2, "Error: --val-split must be in (0, 1), got 1.2"),
+    (["--device", "cuda"], 8, "Error: --device cuda was asked for but no CUDA GPU is visible"),
 ])
-def test_train_option_errors(cli, cifar_small: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_train_option_errors(cli, cifar_small: Path, tmp_path: Path, args: list[str], code: int,
+                             message: str) -> None:
     if "cuda" in args and torch.cuda.is_available():
         pytest.skip("a GPU is visible")
     r = cli("train", "--data", cifar_small, *TINY, *args, "-o", tmp_path / "x.pt")
-    assert r.code != 0
+    assert r.code == code
     assert r.stderr.splitlines()[0].startswith(message), r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "x.pt").exists()
 
@@ -118,3 +119,45 @@ def test_ddp_two_processes_on_cpu_with_gloo(cifar_small: Path, tmp_path: Path) -
     assert result["world_size"] == 2
     # 100 images, 50 per process per step, drop_last: 1 step per epoch in each of 2 processes
     assert load_checkpoint(out)["metrics"]["world_size"] == 2
+
+
+def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 in percent, computed here rather than by resopt's evaluation code."""
+    with torch.no_grad():
+        return 100.0 * float((model.eval()(x).argmax(dim=1) == y).double().mean())
+
+
+def test_best_epoch_is_kept(cli, tmp_path: Path) -> None:
+    """A high learning rate makes top-1 move between epochs; the checkpoint must hold the best epoch's
+    weights, which this test scores itself on every test image (PIL, the recorded mean/std, argmax)."""
+    import numpy as np
+    from conftest import make_subset
+    from PIL import Image
+
+    data = make_subset(tmp_path / "d", 10, 10)
+    out = tmp_path / "b.pt"
+    r = cli("train", "--data", data, "--arch", "resnet20", "--width", "0.25", "--batch-size", "25", "--epochs", "4",
+            "--lr", "0.5", "--seed", "1", "--json", "-o", out)
+    assert r.code == 0, r.stderr
+    tops = [h["top1"] for h in r.json()["history"]]
+    best = max(range(4), key=lambda i: (tops[i], -i))  # the first epoch with the highest top-1
+    ckpt = load_checkpoint(out)
+    assert ckpt["metrics"]["best_epoch"] == best + 1 and ckpt["metrics"]["top1"] == tops[best]
+    mean, std = np.array(ckpt["preprocess"]["mean"]), np.array(ckpt["preprocess"]["std"])
+    xs, ys = [], []
+    for label, cls in enumerate(ckpt["classes"]):
+        for f in sorted((data / "test" / cls).glob("*.jpg")):
+            xs.append(((np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 - mean) / std).transpose(2, 0, 1))
+            ys.append(label)
+    x = torch.from_numpy(np.stack(xs).astype(np.float32))
+    assert _top1(model_from_checkpoint(ckpt), x, torch.tensor(ys)) == pytest.approx(tops[best])
+
+
+def test_val_split_through_the_cli(cli, cifar_small: Path, tmp_path: Path) -> None:
+    """--val-split 0.2 of 10 images per class: 8 train and 2 held out per class, instead of test/."""
+    out = tmp_path / "v.pt"
+    r = cli("train", "--data", cifar_small, *TINY, "--epochs", "1", "--val-split", "0.2", "--json", "-o", out)
+    assert r.code == 0, r.stderr
+    d = r.json()
+    assert (d["train_images"], d["eval_images"]) == (80, 20)
+    assert load_checkpoint(out)["lineage"][0]["options"]["val_split"] == 0.2

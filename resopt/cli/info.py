@@ -17,7 +17,8 @@ def info_cmd(
 ) -> None:
     """Show a model file's kind, architecture, classes, parameters (non-zero too), MACs, size, input size,
     normalization and lineage (one row per command that shaped it). Engines are read from their JSON
-    sidecar, so no TensorRT is needed; checkpoints are read without unpickling objects.
+    sidecar (validated like bench does), so no TensorRT is needed, with one line saying whether this
+    machine can run the engine and why not; checkpoints are read without unpickling objects.
 
     Example: resopt info r20.int8.onnx        (or: resopt info --archs)
     """
@@ -76,6 +77,8 @@ def _render(d: dict[str, Any]) -> Any:
         ("normalization", f"mean {_floats(d['mean'])}, std {_floats(d['std'])}" if d["mean"] else "unknown"),
     ]
     details = d["details"]
+    if "runs_here_reason" in details:
+        rows.append(("runs here", details["runs_here_reason"]))
     if "ops" in details:
         rows.append(("ops", ", ".join(f"{k} {v}" for k, v in list(details["ops"].items())[:8])))
     facts = kv_table(escape(d["path"]), [(k, escape(str(v))) for k, v in rows])
