@@ -350,7 +350,13 @@ def test_an_engine_joins_through_its_sidecar(chain: dict[str, Path], tmp_path: P
     meta = read_onnx_meta(parent)
     engine = tmp_path / "r20.p50.int8.engine"
     engine.write_bytes(b"\x00plan bytes that only TensorRT could read")
-    write_sidecar(engine, {"arch": meta["arch"], "classes": meta["classes"], "preprocess": meta["preprocess"],
+    # Every field `resopt build` writes and info/bench validate (no TensorRT here to write a real one).
+    write_sidecar(engine, {"format": "resopt.engine", "format_version": 1,
+                           "built_with": {"tensorrt": "10.9.0", "gpu": "NVIDIA L4", "compute_capability": "8.9"},
+                           "profile": {"min": 1, "opt": 8, "max": 32},
+                           "engine": {"file": engine.name, "bytes": engine.stat().st_size,
+                                      "sha256": sha256_file(engine)},
+                           "arch": meta["arch"], "classes": meta["classes"], "preprocess": meta["preprocess"],
                            "precision": "int8", "lineage": meta["lineage"] + [{
                                "command": "build", "time": "2026-01-01T00:00:00+00:00",
                                "options": {"precision": "int8"},
