@@ -31,6 +31,9 @@ CHECKPOINT_VERSION = 1
 META_PREFIX = "resopt."
 
 KIND_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
+# Suffixes of PyTorch checkpoints written elsewhere: `resopt import` turns them into resopt artifacts.
+FOREIGN_PT_SUFFIXES = (".th", ".ckpt", ".tar", ".pth", ".pt")
+IMPORT_HINT = "bring it in with `resopt import {path} --mean R,G,B --std R,G,B --data DATA -o model.pt`"
 
 
 # ---------------------------------------------------------------------------------------------- files
@@ -94,7 +97,8 @@ def artifact_kind(path: Path) -> str:
     if kind is None:
         raise InputFileError(
             f"{path} is not a model file resopt knows (suffix {path.suffix or 'none'!r}); "
-            f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}"
+            f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}",
+            hint=IMPORT_HINT.format(path=path) if path.suffix.lower() in FOREIGN_PT_SUFFIXES else None,
         )
     return kind
 
@@ -231,13 +235,28 @@ def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a resopt ``.pt`` with ``weights_only=True``; pickled objects are refused, not executed."""
+    path = Path(path)
+    require_kind(path, "pt")
+    ckpt = torch_load_plain(path)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputFileError(
+            f"{path} was not written by resopt (no '{CHECKPOINT_FORMAT}' format tag)",
+            hint=IMPORT_HINT.format(path=path),
+        )
+    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
+        raise InputFileError(f"{path} uses checkpoint format {ckpt['format_version']}, newer than this "
+                             f"resopt understands ({CHECKPOINT_VERSION})", hint="upgrade resopt")
+    return ckpt
+
+
+def torch_load_plain(path: Path) -> Any:
+    """``torch.load`` with ``weights_only=True`` on the CPU: tensors and primitives, never pickled code."""
     import pickle
 
     import torch
 
-    path = Path(path)
-    require_kind(path, "pt")
     try:
+        # map_location: checkpoints saved from CUDA (legacy zip-less ones too) must load without a GPU.
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y"); anything
@@ -252,14 +271,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     except Exception as e:  # zip errors, truncated files, random bytes
         raise InputFileError(f"{path} is not a readable PyTorch checkpoint ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputFileError(
-            f"{path} was not written by resopt (no '{CHECKPOINT_FORMAT}' format tag)",
-            hint="resopt reads checkpoints written by `resopt train`, `prune` or `distill`",
-        )
-    if ckpt.get("format_version", 0) > CHECKPOINT_VERSION:
-        raise InputFileError(f"{path} uses checkpoint format {ckpt['format_version']}, newer than this "
-                             f"resopt understands ({CHECKPOINT_VERSION})", hint="upgrade resopt")
     return ckpt
 
 
@@ -326,7 +337,8 @@ def onnx_meta_from_checkpoint(ckpt: dict[str, Any], lineage: list[dict[str, Any]
 def onnx_preprocess(meta: dict[str, Any], path: Path) -> Preprocess:
     if "preprocess" not in meta:
         raise InputFileError(f"{path} has no resopt preprocessing metadata (was it exported by resopt?)",
-                             hint="export it with `resopt export MODEL.pt`")
+                             hint=f"stamp it with `resopt import {path} --mean R,G,B --std R,G,B --classes ... "
+                                  f"-o model.onnx`, or export it with `resopt export MODEL.pt`")
     return Preprocess.from_dict(meta["preprocess"])
 
 

@@ -49,9 +49,13 @@ class OrtRunner(Runner):
         from resopt.artifacts import onnx_preprocess, read_onnx_meta
 
         self.meta = read_onnx_meta(path)
-        self.preprocess = onnx_preprocess(self.meta, path)
-        self.input_size = self.preprocess.input_size
         self.session = make_session(path, device=device, threads=threads)
+        if "preprocess" in self.meta:
+            self.preprocess = onnx_preprocess(self.meta, path)
+            self.input_size = self.preprocess.input_size
+        else:  # an ONNX made elsewhere, timed only: the graph's fixed input size (bench checked it)
+            self.preprocess = None
+            self.input_size = int(self.session.get_inputs()[0].shape[2])
         self.device = "cuda" if device in ("gpu", "cuda") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]
