@@ -118,17 +118,41 @@ def default_data(classes: list[str], lineage: list[dict[str, Any]], *, option: s
     Says on stderr which it chose."""
     from resopt.console import log
 
+    found = lineage_data(classes, lineage)
+    if found is not None:
+        spec, command = found
+        log(f"{purpose} images: {spec} (the data recorded in the model's `{command}` step; "
+            f"pass {option} to choose others)")
+        return spec
+    folder = find_default_calib(classes, option=option)
+    log(f"{purpose} images: {folder} (the shipped set for the model's classes; pass {option} to choose others)")
+    return str(folder)
+
+
+def lineage_data(classes: list[str], lineage: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(data, command) of the newest lineage step that names data still present with the model's classes."""
     for step in reversed(lineage):
         if step.get("command") not in LINEAGE_DATA_STEPS:
             continue
         spec = (step.get("options") or {}).get("data")
         if spec and _has_classes(str(spec), classes):
-            log(f"{purpose} images: {spec} (the data recorded in the model's `{step['command']}` step; "
-                f"pass {option} to choose others)")
-            return str(spec)
-    folder = find_default_calib(classes, option=option)
-    log(f"{purpose} images: {folder} (the shipped set for the model's classes; pass {option} to choose others)")
-    return str(folder)
+            return str(spec), str(step["command"])
+    return None
+
+
+def data_from_checkpoint(path: Path) -> str | None:
+    """For commands that train (prune, distill) and get no ``--data``: the data in the checkpoint's lineage,
+    if it is still here. No shipped-set fallback: fine-tuning and measuring on 320 calibration images
+    would report top-1 on the training images."""
+    from resopt.artifacts import load_checkpoint
+    from resopt.console import log
+
+    ckpt = load_checkpoint(path)
+    found = lineage_data(list(ckpt["classes"]), ckpt.get("lineage", []))
+    if found is not None:
+        log(f"data: {found[0]} (recorded in the `{found[1]}` step of {Path(path).name}; pass --data to choose "
+            f"other images)")
+    return found[0] if found else None
 
 
 def _has_classes(spec: str, classes: list[str]) -> bool:
