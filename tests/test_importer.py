@@ -174,7 +174,7 @@ def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, 
             "--lr", "0.01", "--batch-size", "50", "--data", cifar_mini, "-o", pruned, "--json")
     assert r.code == 0, r.stderr
     d = r.json()
-    assert d["child"]["macs"] <= 0.55 * d["parent"]["macs"]
+    assert d["macs_fraction"] <= 0.55
     widths = model_widths(load_model(pruned)[0])
     # The embedded option-A projections are pruned with their stage like any other 1x1 conv.
     assert widths["layer2.0.shortcut.0"][1] == widths["layer2.0.conv2"][1] < 32
@@ -411,3 +411,11 @@ def test_export_uses_the_data_recorded_in_the_lineage(cli, tmp_path, cifar_mini)
     assert r.code == 0, r.stderr
     assert "the shipped set for the model's classes" in r.stderr
     assert r.json()["verification"]["data"].endswith("calib/cifar10")
+
+
+def test_prune_without_data_uses_the_lineage(cli, tmp_path, imported, cifar_mini):
+    r = cli("prune", imported["r20"], "--sparsity", "0.25", "--finetune-epochs", "0", "-o", tmp_path / "p.pt",
+            "--json")
+    assert r.code == 0, r.stderr
+    assert f"data: {cifar_mini} (recorded in the `import` step of r20.pt" in r.stderr
+    assert r.json()["before"]["top1"] > 60.0
