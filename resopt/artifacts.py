@@ -32,6 +32,9 @@ CHECKPOINT_VERSION = 1
 META_PREFIX = "resopt."
 
 KIND_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
+# Suffixes of PyTorch checkpoints written elsewhere: `resopt import` turns them into resopt artifacts.
+FOREIGN_PT_SUFFIXES = (".th", ".ckpt", ".tar", ".pth", ".pt")
+IMPORT_HINT = "bring it in with `resopt import {path} --mean R,G,B --std R,G,B --data DATA -o model.pt`"
 
 # A sidecar is a few KB of JSON; reading more than this means it is not one (and bounds the read).
 MAX_SIDECAR_BYTES = 16 << 20
@@ -161,7 +164,8 @@ def artifact_kind(path: Path) -> str:
     if kind is None:
         raise InputFileError(
             f"{path} is not a model file resopt knows (suffix {path.suffix or 'none'!r}); "
-            f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}"
+            f"expected one of: {', '.join(sorted(KIND_BY_SUFFIX))}",
+            hint=IMPORT_HINT.format(path=path) if path.suffix.lower() in FOREIGN_PT_SUFFIXES else None,
         )
     return kind
 
@@ -314,6 +318,7 @@ def torch_load_plain(path: Path, *, what: str = "PyTorch checkpoint", device: An
 
     require_regular(path, what)
     try:
+        # map_location: checkpoints saved from CUDA (legacy zip-less ones too) must load without a GPU.
         return torch.load(path, map_location=device, weights_only=True)
     except pickle.UnpicklingError as e:
         # The restricted unpickler names the class it refused ("Unsupported global: GLOBAL x.y"); anything
@@ -345,7 +350,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise InputFileError(
             f"{path} was not written by resopt (no '{CHECKPOINT_FORMAT}' format tag)",
-            hint="resopt reads checkpoints written by `resopt train`, `prune` or `distill`",
+            hint=IMPORT_HINT.format(path=path),
         )
     version = ckpt.get("format_version", 0)
     if isinstance(version, int) and not isinstance(version, bool) and version > CHECKPOINT_VERSION:
@@ -440,7 +445,8 @@ def onnx_meta_from_checkpoint(ckpt: dict[str, Any], lineage: list[dict[str, Any]
 def onnx_preprocess(meta: dict[str, Any], path: Path) -> Preprocess:
     if "preprocess" not in meta:
         raise InputFileError(f"{path} has no resopt preprocessing metadata (was it exported by resopt?)",
-                             hint="export it with `resopt export MODEL.pt`")
+                             hint=f"stamp it with `resopt import {path} --mean R,G,B --std R,G,B --classes ... "
+                                  f"-o model.onnx`, or export it with `resopt export MODEL.pt`")
     return Preprocess.from_dict(meta["preprocess"])
 
 

@@ -360,6 +360,26 @@ class _Planned:
     device: str = "cpu"  # where this file's worker runs it
     variant: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # extra runner keyword arguments
+    speed_only: bool = False  # an ONNX without resopt metadata: no preprocessing to measure accuracy with
+
+
+def _bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
+    """The square image size of an ONNX graph's input; refuses sizes or batches the graph cannot take."""
+    from resopt.artifacts import load_onnx
+    from resopt.errors import InputFileError
+    from resopt.importer.onnx_source import graph_input
+
+    model = load_onnx(path, load_weights=False)
+    dims = [d.dim_value if d.HasField("dim_value") else None
+            for d in graph_input(model, path).type.tensor_type.shape.dim]
+    if not dims[2] or dims[2] != dims[3]:
+        raise InputFileError(f"{path} has no resopt metadata and its input size is not fixed and square "
+                             f"({dims}); bench cannot tell what to feed it",
+                             hint=f"resopt import {path} --input-size N --mean R,G,B --std R,G,B --classes ...")
+    if dims[0] and any(b != dims[0] for b in batch_sizes):
+        raise UsageError(f"{path} has a fixed batch size of {dims[0]}; bench it with --batch-size {dims[0]}",
+                         hint=f"`resopt import {path}` makes the batch axis dynamic")
+    return int(dims[2])
 
 
 def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
@@ -401,6 +421,16 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
     planned = []
     for p, kind in zip(paths, kinds, strict=True):
         info = read_artifact_info(p)
+        if info.preprocess is None and kind == "onnx":
+            # An ONNX made elsewhere: its speed needs only the input shape, which the graph gives.
+            size = _bare_onnx_input_size(p, cfg.batch_sizes)
+            from resopt.console import warn
+
+            warn(f"{p.name} has no resopt metadata: speed only (input 3x{size}x{size} from the graph, no "
+                 f"accuracy); `resopt import` it to record classes and preprocessing")
+            planned.append(_Planned(p, kind, [], size, artifact_stats(p, kind, size), onnx_device,
+                                    speed_only=True))
+            continue
         if info.preprocess is None:
             from resopt.errors import InputFileError
 
@@ -615,6 +645,9 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
         if cfg.data is not None:
             with progress("accuracy", total=n) as bar:
                 for i, w in enumerate(workers):
+                    if planned[i].speed_only:
+                        bar.advance(1)
+                        continue
                     log(f"bench: top-1/top-5 of {planned[i].path.name} on {cfg.data}")
                     accuracy[i] = w.request("eval", cfg.data, cfg.limit_per_class, cfg.eval_batch_size)[1]
                     bad = (accuracy[i] or {}).get("nonfinite_outputs")

@@ -701,11 +701,11 @@ def verification_set(cfg: BuildConfig, meta: dict[str, Any], preprocess: Preproc
     """The real images the engine is checked on: the test split of ``--data``, else the repository's
     calib/ set whose classes are the model's (as ``export`` does). Loaded before the build, so a missing
     set fails in a second rather than after minutes of kernel tuning."""
-    from resopt.calib import find_default_calib
+    from resopt.calib import default_data
     from resopt.data import check_classes, classes_of, load_eval_set
 
     classes = list(meta.get("classes", []))
-    spec = cfg.data if cfg.data is not None else str(find_default_calib(classes, option="--data"))
+    spec = cfg.data if cfg.data is not None else default_data(classes, meta.get("lineage", []))
     dataset = load_eval_set(spec, preprocess, split="test", per_class=cfg.verify_per_class, seed=cfg.seed)
     if classes:
         check_classes(classes, classes_of(dataset), model_name=onnx_path.name, data=spec)

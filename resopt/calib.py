@@ -111,6 +111,70 @@ def find_default_calib(classes: list[str], *, option: str = "--calib-data") -> P
                     hint=f"pass {option} with a folder of real images of the model's classes (one subfolder per class)")
 
 
+LINEAGE_DATA_STEPS = ("train", "import", "prune", "distill")
+
+
+def default_data(classes: list[str], lineage: list[dict[str, Any]], *, option: str = "--data",
+                 purpose: str = "verification") -> str:
+    """The real images a command uses when it gets no ``--data``/``--calib-data``: the data recorded in
+    the model's lineage (its newest train, import, prune or distill step) while it still exists here with
+    the model's classes, then the shipped calib/ set for its classes, else the error naming ``option``.
+    Says on stderr which it chose."""
+    from resopt.console import log
+
+    found = lineage_data(classes, lineage)
+    if found is not None:
+        spec, command = found
+        log(f"{purpose} images: {spec} (the data recorded in the model's `{command}` step; "
+            f"pass {option} to choose others)")
+        return spec
+    folder = find_default_calib(classes, option=option)
+    log(f"{purpose} images: {folder} (the shipped set for the model's classes; pass {option} to choose others)")
+    return str(folder)
+
+
+def lineage_data(classes: list[str], lineage: list[dict[str, Any]]) -> tuple[str, str] | None:
+    """(data, command) of the newest lineage step that names data still present with the model's classes."""
+    for step in reversed(lineage):
+        if step.get("command") not in LINEAGE_DATA_STEPS:
+            continue
+        spec = (step.get("options") or {}).get("data")
+        if spec and _has_classes(str(spec), classes):
+            return str(spec), str(step["command"])
+    return None
+
+
+def data_from_checkpoint(path: Path) -> str | None:
+    """For commands that train (prune, distill) and get no ``--data``: the data in the checkpoint's lineage,
+    if it is still here. No shipped-set fallback: fine-tuning and measuring on 320 calibration images
+    would report top-1 on the training images."""
+    from resopt.artifacts import load_checkpoint
+    from resopt.console import log
+
+    ckpt = load_checkpoint(path)
+    found = lineage_data(list(ckpt["classes"]), ckpt.get("lineage", []))
+    if found is not None:
+        log(f"data: {found[0]} (recorded in the `{found[1]}` step of {Path(path).name}; pass --data to choose "
+            f"other images)")
+    return found[0] if found else None
+
+
+def _has_classes(spec: str, classes: list[str]) -> bool:
+    """Whether ``spec`` resolves here, without downloading, to class folders named like ``classes``."""
+    from resopt.data import resolve_data
+
+    try:
+        source = resolve_data(spec, download=False)
+    except DataError:
+        return False
+    if source.kind != "folder":
+        return source.tv_name == "CIFAR10" and len(classes) == 10 or source.tv_name == "CIFAR100" \
+            and len(classes) == 100
+    folder = source.train_dir or source.test_dir
+    names = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")) if folder else []
+    return names == sorted(classes)
+
+
 def load_calib_set(spec: str | Path, *, num: int | None = None, seed: int = 0) -> CalibSet:
     """Resolve ``--calib-data`` (folder, dataset name or saved ``.npz`` set) and sample ``num`` images."""
     if num is not None and num < 1:

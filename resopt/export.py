@@ -139,10 +139,10 @@ def load_verify_images(ckpt: dict[str, Any], cfg: ExportConfig) -> tuple[torch.T
     from torch.utils.data import Subset
 
     from resopt.artifacts import checkpoint_preprocess
-    from resopt.calib import find_default_calib
+    from resopt.calib import default_data
     from resopt.data import balanced_indices, check_classes, classes_of, load_eval_set, stack_images, targets_of
 
-    spec = cfg.data if cfg.data is not None else str(find_default_calib(list(ckpt["classes"]), option="--data"))
+    spec = cfg.data if cfg.data is not None else default_data(list(ckpt["classes"]), ckpt.get("lineage", []))
     dataset = load_eval_set(spec, checkpoint_preprocess(ckpt), split=cfg.split)
     check_classes(ckpt["classes"], classes_of(dataset), model_name="the checkpoint", data=spec)
     per_class = math.ceil(cfg.num_verify / max(1, len(ckpt["classes"])))

@@ -166,7 +166,8 @@ def r20_int8_session(tmp_path_factory: pytest.TempPathFactory, r20_onnx_session:
     from resopt.quantize import QuantizeConfig, quantize_model
 
     out = tmp_path_factory.mktemp("session_int8") / "r20.int8.onnx"
-    quantize_model(r20_onnx_session, out, QuantizeConfig(num_calib=64))
+    # The shipped set named explicitly: the default is now the data in the model's lineage.
+    quantize_model(r20_onnx_session, out, QuantizeConfig(num_calib=64, calib_data=str(REPO / "calib" / "cifar10")))
     return out
 
 

@@ -86,7 +86,8 @@ def test_default_export_metadata_and_lineage(r20_onnx: tuple[Path, Path]) -> Non
     assert step["command"] == "export"
     assert step["parent"] == {"file": "r20.pt", "sha256": sha256_file(pt)}
     assert step["options"]["exporter"] == "dynamo" and step["options"]["num_verify"] == 100
-    assert Path(step["options"]["data"]).parts[-2:] == ("calib", "cifar10")  # the repo's default set
+    # No --data: the data recorded in the checkpoint's train step, which still exists.
+    assert step["options"]["data"] == ckpt["lineage"][0]["options"]["data"]
     m = step["metrics"]
     assert m["verify_images"] == 100 and m["opset"] == 18 and m["exporter"] == "dynamo"
     assert 0 <= m["max_abs_diff"] < 1e-4 and m["top1_agreement"] == 1.0
@@ -241,6 +242,7 @@ def test_data_errors(cli, trained_pt: Path, workdir: Path, monkeypatch: pytest.M
     import resopt.calib as calib_mod
 
     monkeypatch.setattr(calib_mod, "default_calib_dirs", lambda: [])
+    monkeypatch.setattr(calib_mod, "_has_classes", lambda spec, classes: False)  # the train data is gone
     r = cli("export", trained_pt, "-o", "x.onnx")
     assert r.code == 4
     assert r.stderr.startswith("Error: no shipped calibration set matches the model's 10 classes"), r.stderr

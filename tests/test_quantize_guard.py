@@ -29,7 +29,10 @@ def trt_and_cpu(fp32_onnx: Path, r20_int8_session: Path) -> tuple[Path, Path]:
     from resopt.quantize import QuantizeConfig, quantize_model
 
     trt = fp32_onnx.with_name("r20.trt.onnx")
-    quantize_model(fp32_onnx, trt, QuantizeConfig(target="trt", num_calib=64))
+    # The shipped set, not the default (the data in the model's lineage): these tests check graph
+    # structure, and the 3-epoch model's 90% agreement gate is borderline on its training images (87.5%).
+    calib = str(Path(__file__).resolve().parents[1] / "calib" / "cifar10")
+    quantize_model(fp32_onnx, trt, QuantizeConfig(target="trt", num_calib=64, calib_data=calib))
     return trt, r20_int8_session
 
 

@@ -52,10 +52,13 @@ class OrtRunner(Runner):
         self.path = Path(path)
         graph = load_onnx(path, load_weights=False)
         self.meta = read_onnx_meta(graph, path=path)
-        self.preprocess = onnx_preprocess(self.meta, path)
-        check_classifier_graph(graph, path, image_size=self.preprocess.input_size)
-        self.input_size = self.preprocess.input_size
+        self.preprocess = onnx_preprocess(self.meta, path) if "preprocess" in self.meta else None
+        if self.preprocess is not None:
+            check_classifier_graph(graph, path, image_size=self.preprocess.input_size)
         self.session = make_session(path, device=device, threads=threads)
+        # An ONNX made elsewhere is timed only, at the graph's own input size (bench checked its batch).
+        self.input_size = self.preprocess.input_size if self.preprocess is not None \
+            else int(self.session.get_inputs()[0].shape[2])
         self.device = "cuda" if device in ("gpu", "cuda") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         self.provider = self.session.get_providers()[0]

@@ -20,6 +20,7 @@ from resopt.errors import ResoptError
 COMMANDS: list[tuple[str, str, str]] = [
     ("train", "resopt.cli.train", "train_cmd"),
     ("distill", "resopt.cli.distill", "distill_cmd"),
+    ("import", "resopt.cli.importer", "import_cmd"),
     ("prune", "resopt.cli.prune", "prune_cmd"),
     ("export", "resopt.cli.export", "export_cmd"),
     ("quantize", "resopt.cli.quantize", "quantize_cmd"),

@@ -81,6 +81,10 @@ def distill_cmd(
     from resopt.train import DataOptions, TrainConfig
 
     if data is None:
+        from resopt.calib import data_from_checkpoint
+
+        data = data_from_checkpoint(teacher)
+    if data is None:
         raise UsageError("distill needs --data (the images the teacher was trained on)",
                          hint="resopt distill --teacher r56.pt --student resnet20 --data cifar10 -o r20.kd.pt")
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,

@@ -108,6 +108,10 @@ def prune_cmd(
     from resopt.train import DataOptions, TrainConfig
 
     if data is None:
+        from resopt.calib import data_from_checkpoint
+
+        data = data_from_checkpoint(model)
+    if data is None:
         raise UsageError("prune needs --data to measure top-1 before and after (and to fine-tune on)",
                          hint="resopt prune r20.pt --sparsity 0.5 --data examples/cifar10-mini -o r20.p50.pt")
     data_opts = DataOptions(data, limit_per_class, val_split, seed)
@@ -211,3 +215,4 @@ def _render_analysis(d: dict[str, Any]) -> Any:
         # Folded, not cropped, at the terminal width; the library also logs it unbroken on stderr.
         parts.append(Text(f"--layer-ratios {proposal['layer_ratios']}", overflow="fold"))
     return Group(*parts)
+

@@ -294,10 +294,11 @@ def _export(checkpoint: Path, dst: Path, cfg: QuantizeConfig) -> Path:
     return dst
 
 
-def _calib_set(cfg: QuantizeConfig, classes: list[str]) -> CalibSet:
-    from resopt.calib import find_default_calib, load_calib_set
+def _calib_set(cfg: QuantizeConfig, classes: list[str], lineage: list[dict[str, Any]] | None = None) -> CalibSet:
+    from resopt.calib import default_data, load_calib_set
 
-    spec = cfg.calib_data if cfg.calib_data is not None else find_default_calib(classes)
+    spec = cfg.calib_data if cfg.calib_data is not None else \
+        default_data(classes, lineage or [], option="--calib-data", purpose="calibration")
     cs = load_calib_set(spec, num=cfg.num_calib, seed=cfg.seed)
     if list(cs.classes) != list(classes):
         warn(f"calibration set {cs.source} has classes {list(cs.classes)[:3]}..., the model "
@@ -375,7 +376,8 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
                              hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
     check_outputs(output, cfg, model, given)
     src = _open_onnx(model, given)
-    cs = _calib_set(cfg, src.classes) if (cfg.needs_calibration or cfg.data is None or cfg.save_calib) else None
+    needs_calib = cfg.needs_calibration or cfg.data is None or cfg.save_calib
+    cs = _calib_set(cfg, src.classes, src.meta.get("lineage")) if needs_calib else None
     evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
         if cfg.data is not None else None
     with tempfile.TemporaryDirectory(prefix="resopt-quantize-") as tmp_name:
@@ -499,9 +501,7 @@ def _guard(produced: _Produced, build: Any, src: _Source, prepped: Path, cfg: Qu
 
     assert evals is not None and cfg.max_drop is not None
     if cs is None:
-        from resopt.calib import find_default_calib, load_calib_set
-
-        cs = load_calib_set(cfg.calib_data or find_default_calib(src.classes), num=cfg.num_calib, seed=cfg.seed)
+        cs = _calib_set(cfg, src.classes, src.meta.get("lineage"))
     layers = [la.name for la in lint_qdq(onnx.load(str(prepped))).layers
               if cfg.mode != "fixed" or la.op != "Add"]  # fixed point leaves adds in float
     images = np.concatenate([x for x, _ in calib_batches(cs, src.pre, batch_size=64, limit=64)])

@@ -298,7 +298,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
     with tempfile.TemporaryDirectory(prefix="resopt-qat-") as tmp_name:
         tmp = Path(tmp_name)
         src = Q._open_onnx(Q._export(checkpoint, tmp / "fp32.onnx", cfg), checkpoint)
-        cs = Q._calib_set(cfg, classes)
+        cs = Q._calib_set(cfg, classes, ckpt.get("lineage"))
         evals = Q.EvalImages(cfg.data, pre, classes, per_class=cfg.limit_per_class, seed=cfg.seed)
         reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
         bs = calib_batch_size(pre)
