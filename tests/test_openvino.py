@@ -188,8 +188,8 @@ def test_quantize_reports_int8_layers_per_runtime(fp32_onnx, int8_onnx, workdir)
     assert d["runtime_int8"]["onnxruntime"]["int8"] == d["runtime_int8"]["onnxruntime"]["layers"] == n_layers
     assert d["runtime_int8"]["openvino"]["int8"] == d["runtime_int8"]["openvino"]["layers"] == n_layers
     # One conv kept in FP32 in the file: OpenVINO runs it in f32. onnxruntime may not: its
-    # WeightBiasQuantization transformer (1.2x) quantizes the FP32 weights of a conv whose input and output
-    # are Q/DQ'd, so 1.32 runs all 22 in INT8. The count reports what each runtime does, not what the file says.
+    # WeightBiasQuantization transformer quantizes the FP32 weights of a conv whose input and output are Q/DQ'd,
+    # so onnxruntime 1.32 runs all 22 in INT8. The count reports what each runtime does, not what the file says.
     middle = [n.name for n in onnx.load(str(fp32_onnx)).graph.node if n.op_type == "Conv"][5]
     code, out, err = _run("quantize", fp32_onnx, "-o", "ex.onnx", "--exclude", middle, "--num-calib", 40, "--json")
     assert code == 0, err
