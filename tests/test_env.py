@@ -85,9 +85,9 @@ def test_env_table_without_gpu_or_tensorrt(cli, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_env_and_build_commands_import_no_heavy_library() -> None:
-    code = ("import sys, resopt.cli.env, resopt.cli.build, resopt.envinfo, resopt.build, "
-            "resopt.backends.tensorrt_backend; "
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt') if m in sys.modules))")
+    code = ("import sys, resopt.cli.env, resopt.cli.build, resopt.cli.bench, resopt.envinfo, resopt.build, "
+            "resopt.backends.tensorrt_backend, resopt.backends.openvino_backend; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt', 'openvino') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
