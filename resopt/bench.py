@@ -525,7 +525,6 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
     # Before torch or onnxruntime is imported: their OpenMP pools read these once.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import importlib
     import traceback
 
     runner = None
@@ -534,8 +533,7 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
         from resopt.backends import runner_class
 
         cls = runner_class(backend or artifact_kind(Path(path)))
-        for module in cls.runtime_modules:
-            importlib.import_module(module)
+        cls.load_runtime()
         import numpy  # noqa: F401  (every runner returns numpy)
 
         _release_free_memory()
@@ -553,6 +551,7 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
                 break
             if msg[0] == "time":
                 _, batch, warmup, iters, min_s = msg
+                runner.prepare(batch)
                 can_reset = _reset_peak_rss()
                 runner.reset_peak_device_memory()
                 times = runner.time_batches(batch, warmup=warmup, iters=iters, min_seconds=min_s)

@@ -84,7 +84,7 @@ def test_fp32_agrees_with_onnxruntime_at_several_batch_sizes(fp32_onnx, test_ima
         agreement = float((got.argmax(1) == ort.argmax(1)).mean())
         assert agreement >= 0.99, f"batch {batch}: top-1 agreement {agreement:.3f}"
         assert np.abs(got - ort).max() <= 1e-3 * np.abs(ort).max()
-    assert set(ov._compiled) == {1, 7, 32, 4, 8}  # 200 = 28*7 + 4 and 6*32 + 8: one compiled shape per size
+        assert list(ov._compiled) == [200 % batch or batch]  # one compiled shape at a time: the last one
 
 
 def test_int8_runs_every_conv_in_int8_and_agrees(fp32_onnx, int8_onnx, test_images) -> None:

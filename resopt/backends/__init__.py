@@ -50,6 +50,16 @@ class Runner:
     # puts it into the file's row.
     details: dict[str, Any] = {}
 
+    @classmethod
+    def load_runtime(cls) -> None:
+        """Load the runtime's libraries (``bench`` does it before reading a worker's baseline memory)."""
+        for module in cls.runtime_modules:
+            importlib.import_module(module)
+
+    def prepare(self, batch_size: int) -> None:
+        """Get ready for batches of ``batch_size`` (a runtime that compiles per shape does it here), before
+        bench starts timing and its peak-memory window."""
+
     def infer(self, batch: Any) -> Any:  # np.ndarray (N,3,H,W) float32 -> np.ndarray (N,classes) float32
         raise NotImplementedError
 
