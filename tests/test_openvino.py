@@ -201,3 +201,12 @@ def test_quantize_reports_int8_layers_per_runtime(fp32_onnx, int8_onnx, workdir)
     assert code == 0, err
     assert f"conv/matmul layers executed in INT8: onnxruntime {counts['onnxruntime']['int8']}/{n_layers}, " \
            f"openvino {n_layers - 1}/{n_layers}" in out
+
+
+def test_runner_without_openvino_is_a_one_line_error(fp32_onnx, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resopt.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "openvino", None)
+    with pytest.raises(MissingDependencyError, match="OpenVINO is not installed") as e:
+        open_runner(fp32_onnx, runtime="openvino")
+    assert e.value.hint == "pip install openvino" and e.value.exit_code == 5

@@ -119,6 +119,11 @@ class OpenVinoRunner(Runner):
 
     def __init__(self, path: Path, *, device: str = "cpu", threads: int | None = None,
                  precision: str = "f32") -> None:
+        version, reason = openvino_version()
+        if version is None:
+            from resopt.errors import MissingDependencyError
+
+            raise MissingDependencyError(f"cannot run {path} on OpenVINO: {reason}", hint="pip install openvino")
         import openvino as ov
 
         from resopt.artifacts import onnx_preprocess, read_onnx_meta
@@ -141,7 +146,7 @@ class OpenVinoRunner(Runner):
         self.ran_precision = str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
         self.layers = layer_precisions(compiled)
         int8, total = int8_layer_count(self.layers)
-        self.details = {"runtime": "openvino", "openvino": openvino_version()[0],
+        self.details = {"runtime": "openvino", "openvino": version,
                         "precision_requested": precision, "precision": self.ran_precision,
                         "int8_layers": int8, "compute_layers": total, "layer_precisions": self.layers,
                         "note": self.note}
