@@ -95,6 +95,22 @@ def parse_pt_variants(text: str | tuple[str, ...] | list[str] | None) -> tuple[s
     return tuple(dict.fromkeys(items))
 
 
+def parse_choices(option: str, text: str | tuple[str, ...] | list[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """``"ort,openvino"`` -> ``("ort", "openvino")``, each checked against ``allowed``."""
+    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
+    for item in items:
+        if item not in allowed:
+            raise UsageError(f"{option}: unknown value {item!r}; choose one or more of: {', '.join(allowed)}")
+    if not items:
+        raise UsageError(f"{option} is empty; choose one or more of: {', '.join(allowed)}")
+    return tuple(dict.fromkeys(items))
+
+
+# bench --runtime and --precision values (CPU runtimes for .onnx files; precisions OpenVINO can be told to use).
+RUNTIMES = ("ort", "openvino")
+PRECISIONS = ("f32", "bf16")
+
+
 def available_cores() -> int:
     """Cores this process may run on (the affinity mask, not the machine's total)."""
     try:
@@ -116,6 +132,10 @@ class BenchConfig:
     limit_per_class: int | None = None
     eval_batch_size: int = 256
     pt_variants: tuple[str, ...] | None = None  # None: DEFAULT_PT_VARIANTS[device]
+    # Runtimes each .onnx file runs on, one row each (ort: onnxruntime; openvino: OpenVINO's CPU plugin), and
+    # the inference precisions asked of the runtimes that choose one (OpenVINO), one row each.
+    runtimes: tuple[str, ...] = ("ort",)
+    precisions: tuple[str, ...] = ("f32",)
 
     def validate(self) -> None:
         parse_batch_sizes(self.batch_sizes)
@@ -135,6 +155,14 @@ class BenchConfig:
             raise UsageError(f"--limit-per-class must be at least 1, got {self.limit_per_class}")
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class needs --data")
+        parse_choices("--runtime", self.runtimes, RUNTIMES)
+        parse_choices("--precision", self.precisions, PRECISIONS)
+        if "openvino" in self.runtimes and self.device != "cpu":
+            raise UsageError("--runtime openvino runs on the CPU; use --device cpu")
+        if set(self.precisions) != {"f32"} and "openvino" not in self.runtimes:
+            raise UsageError(f"--precision {','.join(self.precisions)} applies to --runtime openvino "
+                             f"(onnxruntime's CPU provider runs each file in its own precision)",
+                             hint="add --runtime ort,openvino")
         fp16 = [v for v in parse_pt_variants(self.pt_variants) or () if PT_VARIANTS[v].get("fp16")]
         if fp16 and self.device != "gpu":
             raise UsageError(f"--pt-variants {fp16[0]} needs --device gpu (FP16 autocast runs on CUDA)")
@@ -190,6 +218,8 @@ class ModelBench:
     load_seconds: float = 0.0
     variant: str = ""  # a .pt's PT_VARIANTS name; "" for other files
     sha256: str = ""  # of the file measured: `resopt report` joins bench rows to artifacts by it
+    runtime: str = ""  # --runtime name for .onnx rows ("ort", "openvino"); "" for other files
+    details: dict[str, Any] = field(default_factory=dict)  # what the runtime says it ran (Runner.details)
 
     @property
     def peak_memory_bytes(self) -> int | None:
@@ -222,7 +252,8 @@ class BenchReport:
                 "device": m.device, "file_bytes": m.file_bytes, "params": m.params,
                 "nonzero_params": m.nonzero_params, "macs": m.macs, "input_size": m.input_size,
                 "peak_memory_bytes": m.peak_memory_bytes, "accuracy": m.accuracy,
-                "load_seconds": round(m.load_seconds, 3), "variant": m.variant,
+                "load_seconds": round(m.load_seconds, 3), "variant": m.variant, "runtime": m.runtime,
+                "details": m.details,
                 "batches": [{**asdict(b), "round_p50_ms": list(b.round_p50_ms),
                              "speedup_rounds": list(b.speedup_rounds)} for b in m.batches],
             })
@@ -361,6 +392,8 @@ class _Planned:
     variant: str = ""
     options: dict[str, Any] = field(default_factory=dict)  # extra runner keyword arguments
     speed_only: bool = False  # an ONNX without resopt metadata: no preprocessing to measure accuracy with
+    backend: str = ""  # BACKENDS key; "" = the kind's default
+    runtime: str = ""
 
 
 def _bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
@@ -385,7 +418,7 @@ def _bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
 def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
     """Everything that can fail fast (files, backends, device, data classes) before any worker starts."""
     from resopt.artifacts import artifact_kind, read_artifact_info
-    from resopt.backends import BACKEND_HINTS, BACKENDS, backend_available
+    from resopt.backends import BACKEND_HINTS, BACKENDS, ONNX_RUNTIMES, backend_available
 
     if not paths:
         raise UsageError("bench needs at least one model file", hint="resopt bench r20.pt r20.onnx")
@@ -397,6 +430,7 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
             raise MissingDependencyError(f"cannot bench {p}: the .{kind} backend ({BACKENDS[kind][0]}) is not "
                                          f"installed", hint=BACKEND_HINTS.get(kind))
     onnx_device = cfg.device
+    openvino_precisions = _openvino_precisions(cfg) if "onnx" in kinds and "openvino" in cfg.runtimes else ()
     if cfg.device == "gpu":
         import torch
 
@@ -418,37 +452,67 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
         from resopt.data import classes_of, resolve_data
 
         data_classes = classes_of(resolve_data(cfg.data).dataset("test"))
-    planned = []
+    planned: list[_Planned] = []
     for p, kind in zip(paths, kinds, strict=True):
         info = read_artifact_info(p)
-        if info.preprocess is None and kind == "onnx":
+        speed_only = info.preprocess is None and kind == "onnx"
+        if speed_only:
             # An ONNX made elsewhere: its speed needs only the input shape, which the graph gives.
             size = _bare_onnx_input_size(p, cfg.batch_sizes)
             from resopt.console import warn
 
             warn(f"{p.name} has no resopt metadata: speed only (input 3x{size}x{size} from the graph, no "
                  f"accuracy); `resopt import` it to record classes and preprocessing")
-            planned.append(_Planned(p, kind, [], size, artifact_stats(p, kind, size), onnx_device,
-                                    speed_only=True))
-            continue
-        if info.preprocess is None:
+            classes: list[str] = []
+        elif info.preprocess is None:
             from resopt.errors import InputFileError
 
             raise InputFileError(f"{p} records no preprocessing (input size, normalization); resopt cannot "
                                  f"feed it", hint="bench files written by resopt train/export/quantize/build")
-        if data_classes is not None:
-            from resopt.data import check_classes
+        else:
+            size, classes = info.preprocess.input_size, info.classes
+            if data_classes is not None:
+                from resopt.data import check_classes
 
-            check_classes(info.classes, data_classes, model_name=str(p), data=str(cfg.data))
-        stats = artifact_stats(p, kind, info.preprocess.input_size)
+                check_classes(info.classes, data_classes, model_name=str(p), data=str(cfg.data))
+        stats = artifact_stats(p, kind, size)
         if kind == "pt":
-            planned += [_Planned(p, kind, info.classes, info.preprocess.input_size, stats, cfg.device,
+            planned += [_Planned(p, kind, classes, size, stats, cfg.device,
                                  v if len(cfg.effective_pt_variants) > 1 or v != "fp32" else "", PT_VARIANTS[v])
                         for v in cfg.effective_pt_variants]
+        elif kind == "onnx":
+            for runtime in cfg.runtimes:
+                if runtime == "ort":
+                    planned.append(_Planned(p, kind, classes, size, stats, onnx_device, runtime="ort",
+                                            speed_only=speed_only))
+                    continue
+                planned += [_Planned(p, kind, classes, size, stats, "cpu", options={"precision": prec},
+                                     backend=ONNX_RUNTIMES[runtime], runtime=runtime, speed_only=speed_only)
+                            for prec in openvino_precisions]
         else:
-            planned.append(_Planned(p, kind, info.classes, info.preprocess.input_size, stats,
-                                    onnx_device if kind == "onnx" else cfg.device))
+            planned.append(_Planned(p, kind, classes, size, stats, cfg.device))
     return planned
+
+
+def _openvino_precisions(cfg: BenchConfig) -> tuple[str, ...]:
+    """The precisions OpenVINO rows run in: each asked-for one this CPU has (BF16 falls back to f32 with a
+    warning where the CPU lacks it); fails with one line when OpenVINO is not installed."""
+    from resopt.backends import BACKEND_HINTS
+    from resopt.backends.openvino_backend import cpu_capabilities, openvino_version, resolve_precision
+    from resopt.console import warn
+
+    version, reason = openvino_version()
+    if version is None:
+        raise MissingDependencyError(f"--runtime openvino: {reason}", hint=BACKEND_HINTS["onnx:openvino"])
+    capabilities = cpu_capabilities()
+    chosen: list[str] = []
+    for prec in cfg.precisions:
+        ran, note = resolve_precision(prec, capabilities)
+        if note:
+            warn(note)
+        if ran not in chosen:
+            chosen.append(ran)
+    return tuple(chosen)
 
 
 # ---------------------------------------------------------------------------------------- the worker
@@ -488,12 +552,12 @@ def _release_free_memory() -> None:
         pass
 
 
-def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[str, Any] | None = None) -> None:
+def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[str, Any] | None = None,
+                 backend: str = "") -> None:
     """Runs in a fresh process: open one runner, then serve timing and accuracy requests until "stop"."""
     # Before torch or onnxruntime is imported: their OpenMP pools read these once.
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
-    import importlib
     import traceback
 
     runner = None
@@ -501,9 +565,8 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
         from resopt.artifacts import artifact_kind
         from resopt.backends import runner_class
 
-        cls = runner_class(artifact_kind(Path(path)))
-        for module in cls.runtime_modules:
-            importlib.import_module(module)
+        cls = runner_class(backend or artifact_kind(Path(path)))
+        cls.load_runtime()
         import numpy  # noqa: F401  (every runner returns numpy)
 
         _release_free_memory()
@@ -513,13 +576,15 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
         load_s = time.perf_counter() - t0
         _release_free_memory()
         conn.send(("ready", {"provider": runner.provider, "device": runner.device,
-                             "input_size": runner.input_size, "load_seconds": load_s}))
+                             "input_size": runner.input_size, "load_seconds": load_s,
+                             "details": dict(runner.details)}))
         while True:
             msg = conn.recv()
             if msg[0] == "stop":
                 break
             if msg[0] == "time":
                 _, batch, warmup, iters, min_s = msg
+                runner.prepare(batch)
                 can_reset = _reset_peak_rss()
                 runner.reset_peak_device_memory()
                 times = runner.time_batches(batch, warmup=warmup, iters=iters, min_seconds=min_s)
@@ -548,10 +613,12 @@ def _worker_main(conn: Any, path: str, device: str, threads: int, options: dict[
 class _Worker:
     """The parent's handle on one worker process."""
 
-    def __init__(self, ctx: Any, path: Path, device: str, threads: int, options: dict[str, Any] | None = None) -> None:
+    def __init__(self, ctx: Any, path: Path, device: str, threads: int, options: dict[str, Any] | None = None,
+                 backend: str = "") -> None:
         self.path = path
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker_main, args=(child, str(path), device, threads, options), daemon=True,
+        self.proc = ctx.Process(target=_worker_main, args=(child, str(path), device, threads, options, backend),
+                                daemon=True,
                                 name=f"resopt-bench-{path.name}")
         self.proc.start()
         child.close()
@@ -619,7 +686,7 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
         f"interleaved round{'s' * (cfg.rounds > 1)}")
     workers: list[_Worker] = []
     try:
-        workers = [_Worker(ctx, p.path, p.device, threads, p.options) for p in planned]
+        workers = [_Worker(ctx, p.path, p.device, threads, p.options, p.backend) for p in planned]
         ready = [w.receive()[1] for w in workers]  # all load at once; timing starts when every one is ready
         per_chunk_iters = max(1, math.ceil(cfg.iters / cfg.rounds))
         per_chunk_seconds = cfg.min_seconds / cfg.rounds
@@ -671,7 +738,8 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
             path=p.path, kind=p.kind, provider=ready[i]["provider"], device=ready[i]["device"],
             file_bytes=p.path.stat().st_size, params=p.stats.params, nonzero_params=p.stats.nonzero_params,
             macs=p.stats.macs, input_size=int(ready[i]["input_size"]), batches=batches, accuracy=accuracy[i],
-            load_seconds=float(ready[i]["load_seconds"]), variant=p.variant, sha256=sha256_file(p.path)))
+            load_seconds=float(ready[i]["load_seconds"]), variant=p.variant, runtime=p.runtime,
+            sha256=sha256_file(p.path), details=ready[i].get("details") or {}))
     host = host_info(cfg.device)
     host["load_average"] = {"before": load_before, "after": host.pop("load_average", None)}
     return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host)

@@ -48,6 +48,46 @@ def precision_support(cc: tuple[int, int]) -> dict[str, bool]:
     }
 
 
+# CPU instruction sets that decide which INT8/BF16 kernels onnxruntime and OpenVINO can use, as
+# (name shown, /proc/cpuinfo flag). x86: "flags"; Arm (aarch64): "Features".
+X86_ISA: tuple[tuple[str, str], ...] = (
+    ("AVX2", "avx2"), ("AVX-512", "avx512f"), ("AVX-512 VNNI", "avx512_vnni"), ("AVX-VNNI", "avx_vnni"),
+    ("AVX-512 BF16", "avx512_bf16"), ("AVX-512 FP16", "avx512_fp16"), ("AMX-INT8", "amx_int8"),
+    ("AMX-BF16", "amx_bf16"), ("AMX-FP16", "amx_fp16"),
+)
+ARM_ISA: tuple[tuple[str, str], ...] = (
+    ("NEON", "asimd"), ("dot product (SDOT/UDOT)", "asimddp"), ("INT8 matrix multiply (I8MM)", "i8mm"),
+    ("BF16", "bf16"), ("SVE", "sve"), ("SVE2", "sve2"), ("SME", "sme"),
+)
+
+
+def cpu_isa(flags: set[str] | frozenset[str], machine: str) -> dict[str, bool]:
+    """Which of the instruction sets that matter for INT8/BF16 inference the CPU has, from its
+    /proc/cpuinfo flags; ``machine`` is ``platform.machine()`` (x86_64, aarch64, ...)."""
+    table = ARM_ISA if machine.lower() in ("aarch64", "arm64") or machine.lower().startswith("arm") else X86_ISA
+    return {name: flag in flags for name, flag in table}
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
+    """(CPU model name, flags) of the first processor in ``path``; (None, empty) where there is none."""
+    model: str | None = None
+    flags: set[str] = set()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip().lower()
+                if key in ("model name", "hardware") and model is None:
+                    model = value.strip()
+                elif key in ("flags", "features") and not flags:
+                    flags = set(value.split())
+                if not line.strip() and model and flags:
+                    break
+    except OSError:
+        pass
+    return model, flags
+
+
 def parse_cc(text: str) -> tuple[int, int]:
     """``"8.6"`` -> ``(8, 6)``."""
     major, _, minor = str(text).partition(".")
@@ -83,6 +123,11 @@ class EnvInfo:
     onnxruntime: str | None
     ort_providers: list[str]
     onnx: str | None
+    cpu: str | None = None  # model name
+    cpu_isa: dict[str, bool] = field(default_factory=dict)  # X86_ISA / ARM_ISA names -> present
+    cores_available: int = 1  # cores this process may use (affinity); bench's default thread count
+    openvino: str | None = None
+    openvino_capabilities: list[str] = field(default_factory=list)  # OpenVINO CPU plugin: FP32, BF16, INT8...
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -207,11 +252,23 @@ def collect_env() -> EnvInfo:
         ort_v, providers = ort.__version__, list(ort.get_available_providers())
     except ImportError:
         notes.append("onnxruntime is not installed")
+    cpu_model, flags = read_cpuinfo()
+    isa = cpu_isa(flags, platform.machine()) if flags else {}
+    if not flags:
+        notes.append("CPU instruction sets unknown (no /proc/cpuinfo flags on this system)")
+    from resopt.backends.openvino_backend import cpu_capabilities, openvino_version
+    from resopt.bench import available_cores
+
+    ov_v, ov_reason = openvino_version()
+    ov_caps = cpu_capabilities() if ov_v else []
+    if ov_reason:
+        notes.append(f"{ov_reason}; install with: pip install openvino")
     if ort_v and gpus and "CUDAExecutionProvider" not in providers:
         notes.append("onnxruntime has no CUDAExecutionProvider: pip install onnxruntime-gpu for .onnx on the GPU")
     return EnvInfo(
         python=platform.python_version(), platform=platform.platform(terse=True), cpu_count=os.cpu_count() or 1,
         resopt=__version__, torch=torch_v, torch_cuda=torch_cuda, cudnn=cudnn, cuda_available=cuda_available,
         gpus=gpus, driver=driver, cuda_driver=cuda_driver, tensorrt=trt_v, onnxruntime=ort_v,
-        ort_providers=providers, onnx=version("onnx"), notes=notes,
+        ort_providers=providers, onnx=version("onnx"), cpu=cpu_model or platform.processor() or None,
+        cpu_isa=isa, cores_available=available_cores(), openvino=ov_v, openvino_capabilities=ov_caps, notes=notes,
     )

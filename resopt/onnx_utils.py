@@ -441,7 +441,8 @@ def check_classifier_graph(model: Any, path: object, *, image_size: int | None =
         raise InputFileError(f"{path} input {inputs[0].name!r} has rank {len(dims)}; expected NCHW images")
     if dims[0].HasField("dim_value"):
         raise InputFileError(f"{path} input {inputs[0].name!r} has a fixed batch of {dims[0].dim_value}; resopt "
-                             f"needs a dynamic batch axis", hint="export it with `resopt export MODEL.pt`, or make the batch dynamic with `resopt import`")
+                             f"needs a dynamic batch axis",
+                             hint="export it with `resopt export MODEL.pt`, or make its batch dynamic: `resopt import`")
     size = [d.dim_value if d.HasField("dim_value") else None for d in dims[1:]]
     if size[0] not in (3, None) or (image_size is not None and size[1:] not in ([image_size] * 2, [None, None])):
         raise InputFileError(f"{path} input {inputs[0].name!r} has shape (N, {', '.join(map(str, size))}); its "

@@ -85,8 +85,65 @@ def test_env_table_without_gpu_or_tensorrt(cli, monkeypatch: pytest.MonkeyPatch)
 
 
 def test_env_and_build_commands_import_no_heavy_library() -> None:
-    code = ("import sys, resopt.cli.env, resopt.cli.build, resopt.envinfo, resopt.build, "
-            "resopt.backends.tensorrt_backend; "
-            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt') if m in sys.modules))")
+    code = ("import sys, resopt.cli.env, resopt.cli.build, resopt.cli.bench, resopt.envinfo, resopt.build, "
+            "resopt.backends.tensorrt_backend, resopt.backends.openvino_backend; "
+            "print(sorted(m for m in ('torch', 'onnx', 'onnxruntime', 'tensorrt', 'openvino') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+# --------------------------------------------------------------------------------------------- the CPU
+
+
+def test_cpu_isa_from_flags() -> None:
+    from resopt.envinfo import cpu_isa
+
+    sapphire_rapids = {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
+                       "amx_int8", "amx_bf16"}
+    isa = cpu_isa(sapphire_rapids, "x86_64")
+    assert isa["AMX-INT8"] and isa["AMX-BF16"] and isa["AVX-512 VNNI"] and isa["AVX-512 BF16"]
+    assert not isa["AMX-FP16"]
+    zen3 = {"avx2", "fma"}
+    assert cpu_isa(zen3, "x86_64") == {k: k == "AVX2" for k in isa}
+    neoverse_v1 = {"asimd", "asimddp", "i8mm", "bf16", "sve"}
+    arm = cpu_isa(neoverse_v1, "aarch64")
+    assert arm["dot product (SDOT/UDOT)"] and arm["INT8 matrix multiply (I8MM)"] and arm["SVE"]
+    assert not arm["SME"] and "AVX2" not in arm
+
+
+def test_read_cpuinfo(tmp_path) -> None:
+    from resopt.envinfo import read_cpuinfo
+
+    f = tmp_path / "cpuinfo"
+    f.write_text("processor\t: 0\nmodel name\t: Test CPU\nflags\t\t: fpu avx2 amx_int8\n\n"
+                 "processor\t: 1\nmodel name\t: Test CPU\nflags\t\t: fpu\n")
+    assert read_cpuinfo(str(f)) == ("Test CPU", {"fpu", "avx2", "amx_int8"})
+    assert read_cpuinfo(str(tmp_path / "missing")) == (None, set())
+
+
+def test_env_lists_this_cpus_instruction_sets_and_runtimes(cli) -> None:
+    import os
+    import platform
+
+    from resopt.envinfo import cpu_isa, read_cpuinfo
+
+    r = cli("env", "--json")
+    assert r.code == 0, r.stderr
+    d = r.json()
+    _, flags = read_cpuinfo()
+    if flags:
+        assert d["cpu_isa"] == cpu_isa(flags, platform.machine())
+        if platform.machine() == "x86_64":
+            assert d["cpu_isa"]["AVX-512 VNNI"] == ("avx512_vnni" in flags)
+            assert d["cpu_isa"]["AMX-INT8"] == ("amx_int8" in flags)
+    assert d["cores_available"] == len(os.sched_getaffinity(0))
+    try:
+        import openvino
+
+        assert openvino.__version__.startswith(d["openvino"]) and "FP32" in d["openvino_capabilities"]
+    except ImportError:
+        assert d["openvino"] is None
+    table = cli("env").stdout
+    assert "instruction sets" in table and "CPU runtimes" in table
+    if flags and platform.machine() == "x86_64":
+        assert f"AVX-512 VNNI {'yes' if 'avx512_vnni' in flags else 'no'}" in table

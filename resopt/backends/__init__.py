@@ -19,13 +19,18 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "pt": ("resopt.backends.torch_backend", "TorchRunner"),
     "onnx": ("resopt.backends.ort_backend", "OrtRunner"),
     "engine": ("resopt.backends.tensorrt_backend", "TrtRunner"),
+    # A kind on a runtime other than its default one: "kind:runtime" (``bench --runtime openvino``).
+    "onnx:openvino": ("resopt.backends.openvino_backend", "OpenVinoRunner"),
 }
+# ``bench --runtime`` names -> the BACKENDS key that runs an .onnx file on that runtime.
+ONNX_RUNTIMES: dict[str, str] = {"ort": "onnx", "openvino": "onnx:openvino"}
 
 # What to install when a backend's module or library is missing (pt and onnx are core dependencies).
 BACKEND_HINTS: dict[str, str] = {
     "pt": "pip install torch",
     "onnx": "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)",
     "engine": "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'",
+    "onnx:openvino": "pip install openvino",
 }
 
 
@@ -41,6 +46,19 @@ class Runner:
     # Libraries the runner needs at run time. ``bench`` imports them before it reads a worker's baseline
     # memory, so that a model's peak memory counts the model, not the import of torch or onnxruntime.
     runtime_modules: tuple[str, ...] = ()
+    # What the runtime reports about how it ran the file (precision it chose, layers in INT8, ...): bench
+    # puts it into the file's row.
+    details: dict[str, Any] = {}
+
+    @classmethod
+    def load_runtime(cls) -> None:
+        """Load the runtime's libraries (``bench`` does it before reading a worker's baseline memory)."""
+        for module in cls.runtime_modules:
+            importlib.import_module(module)
+
+    def prepare(self, batch_size: int) -> None:
+        """Get ready for batches of ``batch_size`` (a runtime that compiles per shape does it here), before
+        bench starts timing and its peak-memory window."""
 
     def infer(self, batch: Any) -> Any:  # np.ndarray (N,3,H,W) float32 -> np.ndarray (N,classes) float32
         raise NotImplementedError
@@ -76,7 +94,8 @@ class Runner:
 
 
 def runner_class(kind: str) -> type[Runner]:
-    """The runner class for an artifact kind; a missing backend is a MissingDependencyError, not a traceback."""
+    """The runner class for an artifact kind (or "kind:runtime" key of BACKENDS); a missing backend is a
+    MissingDependencyError, not a traceback."""
     module, cls = BACKENDS[kind]
     try:
         return getattr(importlib.import_module(module), cls)
@@ -92,9 +111,27 @@ def backend_available(kind: str) -> bool:
     return find_spec(BACKENDS[kind][0]) is not None
 
 
-def open_runner(path: Path, *, device: str = "cpu", threads: int | None = None, **kwargs: Any) -> Runner:
+def open_runner(path: Path, *, device: str = "cpu", threads: int | None = None, runtime: str | None = None,
+                **kwargs: Any) -> Runner:
+    """A runner for ``path`` on its kind's default backend, or for an .onnx file on ``runtime``
+    (a key of ONNX_RUNTIMES)."""
     kind = artifact_kind(path)
-    return runner_class(kind)(Path(path), device=device, threads=threads, **kwargs)
+    return runner_class(backend_key(kind, runtime))(Path(path), device=device, threads=threads, **kwargs)
+
+
+def backend_key(kind: str, runtime: str | None) -> str:
+    """The BACKENDS key for a file kind on ``runtime`` (None: the kind's default backend)."""
+    if runtime is None:
+        return kind
+    if kind != "onnx":
+        from resopt.errors import UsageError
+
+        raise UsageError(f"--runtime {runtime} applies to .onnx files; .{kind} files run on their own backend")
+    if runtime not in ONNX_RUNTIMES:
+        from resopt.errors import choice_error
+
+        raise choice_error("runtime", runtime, tuple(ONNX_RUNTIMES))
+    return ONNX_RUNTIMES[runtime]
 
 
 def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> Any:

@@ -15,8 +15,8 @@ def bench_cmd(
                                                       "baseline of the speed-up column.", show_default=False)],
     batch_size: Annotated[str, typer.Option("--batch-size", "-b", help="One batch size or a comma-separated "
                                                                        "list, e.g. 1,8,32.")] = "1,8,32",
-    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Intra-op threads for PyTorch and "
-                                                "onnxruntime [default: all available cores].")] = None,
+    threads: Annotated[int | None, typer.Option("--threads", "-t", help="Intra-op threads for PyTorch, "
+                                                "onnxruntime and OpenVINO [default: all available cores].")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, or gpu (CUDA: PyTorch, onnxruntime's CUDA "
                                                          "provider, TensorRT engines).")] = "cpu",
     warmup: Annotated[int, typer.Option("--warmup", help="Untimed batches before each batch size.")] = 5,
@@ -31,6 +31,12 @@ def bench_cmd(
                                                     "fp32, fp16 (autocast), channels-last, fp16-channels-last "
                                                     "[default: fp32 on cpu; fp32,fp16,fp16-channels-last on "
                                                     "gpu].")] = None,
+    runtime: Annotated[str, typer.Option("--runtime", help="CPU runtimes each .onnx file runs on, one row each: "
+                                                           "ort (onnxruntime), openvino, or ort,openvino.")] = "ort",
+    precision: Annotated[str, typer.Option("--precision", help="Inference precision for the runtimes that choose "
+                                                               "one (OpenVINO): f32, bf16 or f32,bf16, one row each; "
+                                                               "bf16 falls back to f32, with a warning, on a CPU "
+                                                               "without BF16.")] = "f32",
     data: DataOpt = None,
     limit_per_class: LimitOpt = None,
     json_: JsonOpt = False,
@@ -43,16 +49,28 @@ def bench_cmd(
     Example: resopt bench r20.pt r20.onnx r20.int8.onnx --batch-size 1,8,32 --threads 2 --data cifar10
 
     On the GPU: resopt bench r18.pt r18.onnx r18.fp16.engine --device gpu --batch-size 1,64,256 --data cifar10
+
+    Two CPU runtimes: resopt bench r56.onnx r56.int8.onnx --runtime ort,openvino --precision f32,bf16 -b 1,32
     """
     check_options(locals())
-    from resopt.bench import BenchConfig, bench_models, parse_batch_sizes, parse_pt_variants
+    from resopt.bench import (
+        PRECISIONS,
+        RUNTIMES,
+        BenchConfig,
+        bench_models,
+        parse_batch_sizes,
+        parse_choices,
+        parse_pt_variants,
+    )
 
     sizes = parse_batch_sizes(batch_size)
     for b in sizes:
         check_range("batch_size", b)
     cfg = BenchConfig(batch_sizes=sizes, threads=threads, warmup=warmup, iters=iters,
                       min_seconds=min_time, rounds=rounds, device=device, data=data,
-                      limit_per_class=limit_per_class, pt_variants=parse_pt_variants(pt_variants))
+                      limit_per_class=limit_per_class, pt_variants=parse_pt_variants(pt_variants),
+                      runtimes=parse_choices("--runtime", runtime, RUNTIMES),
+                      precisions=parse_choices("--precision", precision, PRECISIONS))
     report = bench_models(models, cfg)
     emit(report.to_dict(), json_out=json_, render=render_bench, min_width=160)
 

@@ -1,4 +1,5 @@
-"""``resopt env``: what this machine can run (GPU, precisions, driver, CUDA, TensorRT, onnxruntime, torch)."""
+"""``resopt env``: what this machine can run (GPU, precisions, CPU instruction sets, driver, CUDA, TensorRT,
+onnxruntime, OpenVINO, torch)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from resopt.cli.common import JsonOpt, emit, human_bytes
 
 
 def env_cmd(json_: JsonOpt = False) -> None:
-    """Show the GPU, its compute capability and precision support, and the driver, CUDA, TensorRT,
-    onnxruntime and torch versions. Works (and says so) on a machine without a GPU.
+    """Show the GPU, its compute capability and precision support, the CPU's instruction sets (AVX-512, VNNI,
+    BF16, AMX; on Arm dot product and matrix extensions) and cores in use, and the driver, CUDA, TensorRT,
+    onnxruntime, OpenVINO and torch versions. Works (and says so) on a machine without a GPU.
 
     Example: resopt env --json
     """
@@ -42,7 +44,15 @@ def _render(d: dict[str, Any]) -> Any:
             ("TF32 / BF16 / FP8", f"{_yes(s['tf32'])} / {_yes(s['bf16'])} / {_yes(s['fp8'])}"),
             ("2:4 sparsity", _yes(s["sparsity_2_4"])),
         ]
-    rows = gpu_rows + [
+    isa = d.get("cpu_isa") or {}
+    cpu_rows: list[tuple[str, Any]] = [
+        ("CPU", f"{d.get('cpu') or none}, {d['cores_available']} of {d['cpu_count']} cores available"),
+        ("instruction sets", ", ".join(f"{k} {_yes(v)}" for k, v in isa.items()) or "unknown"),
+        ("CPU runtimes", f"onnxruntime {d['onnxruntime'] or 'not installed'}, OpenVINO "
+                         f"{d.get('openvino') or 'not installed'}"
+                         + (f" ({', '.join(d['openvino_capabilities'])})" if d.get("openvino_capabilities") else "")),
+    ]
+    rows = gpu_rows + cpu_rows + [
         ("driver", d["driver"] or none),
         ("CUDA (driver supports)", d["cuda_driver"] or none),
         ("torch", f"{d['torch'] or none} (CUDA build {d['torch_cuda'] or 'none'}, cuDNN {d['cudnn'] or none})"),

@@ -131,6 +131,10 @@ def _render(d: dict[str, Any]) -> Any:
             lines.append(f"  FP32 {la['op']} {la['name']}: {la['reason']}")
         if len(lint["not_int8"]) > 12:
             lines.append(f"  ... and {len(lint['not_int8']) - 12} more (--json)")
+    if d.get("runtime_int8"):
+        runs = [f"{name} {c['int8']}/{c['layers']}" if "int8" in c else f"{name} not measured ({c['skipped']})"
+                for name, c in d["runtime_int8"].items()]
+        lines.append(f"conv/matmul layers executed in INT8: {', '.join(runs)}")
     if d.get("guard"):
         g = d["guard"]
         steps = ", ".join(f"{st['excluded']} in FP32: drop {st['drop']:.2f}" for st in g["steps"])

@@ -553,6 +553,12 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
             raise VerificationError(f"the --target {cfg.target} graph breaks the target's Q/DQ rules: "
                                     f"{'; '.join(lint.issues[:3])}{' ...' if len(lint.issues) > 3 else ''}")
 
+    runtime_int8: dict[str, Any] = {}
+    if cfg.mode in ("int8", "qat"):
+        from resopt.quantize.runtimes import runtime_int8_layers
+
+        runtime_int8 = {"runtime_int8": runtime_int8_layers(produced.path, src.pre.input_size)}
+
     labelled = evals is not None
     ref_is_parent = produced.reference is None
     parent_file = str(src.given) if src.given == src.onnx else f"{src.given} (as FP32 ONNX)"
@@ -577,7 +583,7 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
                           calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
                           excluded=produced.excluded, lint=lint.summary() if lint is not None else None,
                           seconds=time.perf_counter() - t0,
-                          extra={**produced.extra, "agreement_with": produced.reference_name})
+                          extra={**produced.extra, "agreement_with": produced.reference_name, **runtime_int8})
 
 
 def _acc(t: TopK) -> tuple[float, float]:
