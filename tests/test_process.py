@@ -31,6 +31,7 @@ from conftest import CLASSES, make_subset
 from resopt.cli import COMMANDS
 
 REPO = Path(__file__).resolve().parents[1]
+SHIPPED_R20 = REPO / "models" / "resnet20-cifar10-akamaster.th"  # the foreign checkpoint `make demo` imports
 SENTINEL = b"an earlier result that a failed command must leave alone\n"
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 
@@ -96,6 +97,8 @@ SUCCESS: dict[str, tuple[Args, tuple[str, ...]]] = {
                                "--data", d["tiny"], "-o", o / "t.pt"], ("t.pt",)),
     "distill": (lambda m, d, o: ["--teacher", m["pt"], "--student", "resnet20", "--width", 0.25, "--epochs", 1,
                                  "--batch-size", 16, "--data", d["tiny"], "-o", o / "kd.pt"], ("kd.pt",)),
+    "import": (lambda m, d, o: [SHIPPED_R20, "--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225",
+                                "--classes", ",".join(CLASSES), "-o", o / "i.pt"], ("i.pt",)),
     "prune": (lambda m, d, o: [m["pt"], "--sparsity", 0.5, "--finetune-epochs", 1, "--batch-size", 16,
                                "--data", d["tiny"], "-o", o / "p.pt"], ("p.pt",)),
     "export": (lambda m, d, o: [m["pt"], "--exporter", "torchscript", "--data", d["tiny"], "--num-verify", 10,
@@ -105,6 +108,9 @@ SUCCESS: dict[str, tuple[Args, tuple[str, ...]]] = {
               ("b.engine", "b.engine.json")),
     "bench": (lambda m, d, o: [m["onnx"], m["int8"], "--batch-size", "1,2", "--threads", 1, "--warmup", 1,
                                "--iters", 2, "--min-time", 0, "--rounds", 1], ()),
+    "report": (lambda m, d, o: [m["pt"], "-o", o / "rep"],
+               tuple(f"rep/{f}" for f in ("report.md", "report.html", *(f"plots/{p}.{x}" for p in
+                     ("curves", "lineage", "top1_vs_size") for x in ("png", "svg"))))),
     "info": (lambda m, d, o: [m["int8"]], ()),
     "env": (lambda m, d, o: [], ()),
 }
@@ -154,6 +160,10 @@ FAILURES: list[tuple[str, Args, int, str]] = [
                                  "-o", o / "in.pt"], 2, "is the same file as the input"),
     ("distill", lambda m, d, o: ["--teacher", m["pt"], "--student", "resnet20", "--width", 0.25, "--epochs", 1,
                                  "--data", d["three"], "-o", o / "out.pt"], 4, "Error: "),
+    ("import", lambda m, d, o: [SHIPPED_R20, "--mean", "0.485,0.456", "--std", "0.229,0.224,0.225",
+                                "-o", o / "out.pt"], 2, "Error: --mean"),
+    ("import", lambda m, d, o: [o / "corrupt.pt", "--mean", "0.5,0.5,0.5", "--std", "0.2,0.2,0.2",
+                                "--classes", ",".join(CLASSES), "-o", o / "out.pt"], 3, "Error: "),
     ("prune", lambda m, d, o: [o / "in.pt", "--sparsity", 0.5, "--data", d["tiny"], "-o", o / "in.pt"], 2,
      "is the same file as the input"),
     ("prune", lambda m, d, o: [m["pt"], "--sparsity", 1.5, "--data", d["tiny"], "-o", o / "out.pt"], 2,
@@ -170,6 +180,7 @@ FAILURES: list[tuple[str, Args, int, str]] = [
     ("bench", lambda m, d, o: [m["onnx"], "--batch-size", 1, "--data", d["three"]], 4, "Error: "),
     ("bench", lambda m, d, o: [m["pt"], "--device", "gpu", "--batch-size", 1], 8, "Error: "),
     ("bench", lambda m, d, o: [m["onnx"], "--batch-size", "0"], 2, "Error: "),
+    ("report", lambda m, d, o: [o / "corrupt.onnx", "-o", o / "rep"], 3, "Error: "),
     ("info", lambda m, d, o: [o / "corrupt.onnx"], 3, "Error: "),
     ("info", lambda m, d, o: [o / "missing.onnx"], 3, "Error: "),
     ("env", lambda m, d, o: ["--no-such-option"], 2, "No such option"),

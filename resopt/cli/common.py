@@ -109,6 +109,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "label_smoothing": (0, 1, True, False),
     "width": (0, 16, False, True),
     "input_size": (8, 4096, True, True),
+    "resize": (8, 8192, True, True),
     "limit_per_class": (1, None, True, False),
     "val_split": (0, 1, False, False),
     "workers": (0, 256, True, True),

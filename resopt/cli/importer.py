@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import JsonOpt, LimitOpt, emit, kv_table
+from resopt.cli.common import JsonOpt, LimitOpt, check_options, emit, kv_table
 
 
 def import_cmd(
@@ -49,6 +49,7 @@ def import_cmd(
 
     Example: resopt import resnet56.th --mean 0.485,0.456,0.406 --std 0.229,0.224,0.225 --data cifar10 -o r56.pt
     """
+    check_options(locals())
     from resopt.importer import ImportConfig, import_model, parse_floats
 
     cfg = ImportConfig(mean=parse_floats(mean, "--mean"), std=parse_floats(std, "--std"), input_size=input_size,

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import JsonOpt, emit
+from resopt.cli.common import JsonOpt, check_options, emit
 
 
 def report_cmd(
@@ -37,6 +37,7 @@ def report_cmd(
     The bench JSON comes from: resopt bench runs/*.pt runs/*.onnx --data cifar10 --batch-size 1,32 --json
     One checkpoint's training curves: resopt report r20.pt -o r20-report/
     """
+    check_options(locals())
     from resopt.console import log
     from resopt.errors import UsageError
     from resopt.report import ReportConfig, build_report, write_report
