@@ -71,6 +71,27 @@ def cifar_root() -> Path:
     return root
 
 
+def cifar_full_test() -> Path:
+    """All 10,000 test images (for the tests that compare with published accuracy), unpacked once beside
+    the subset, under the same lock; the train split stays packed."""
+    root = CACHE / "cifar10-full-test"
+    marker = root / ".complete"
+    if (CACHE / "cifar10" / ".complete").exists():  # a cache that already holds the whole archive
+        return CACHE / "cifar10"
+    if marker.exists():
+        return root / "cifar10"
+    if not ARCHIVE.exists():
+        _missing_data(f"CIFAR-10 archive not found at {ARCHIVE}")
+    root.mkdir(parents=True, exist_ok=True)
+    with open(CACHE / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            subprocess.run(["tar", "-xzf", str(ARCHIVE), "-C", str(root), "--wildcards", "cifar10/test/*"],
+                           check=True, stdout=subprocess.DEVNULL)
+            marker.touch()
+    return root / "cifar10"
+
+
 def make_subset(dst: Path, train_per_class: int, test_per_class: int, classes: list[str] = CLASSES) -> Path:
     """A small ImageFolder (train/ and test/) of real CIFAR-10 JPEGs, first N files of each class."""
     assert max(train_per_class, test_per_class) <= PER_CLASS, f"raise PER_CLASS in conftest.py to {PER_CLASS}+"

@@ -590,7 +590,8 @@ def test_trt_runner_refuses_an_engine_replaced_after_its_build(tmp_path: Path,
     engine.write_bytes(b"the plan build wrote")
     built = {"tensorrt": "10.3.0", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
     write_sidecar(engine, {"format": "resopt.engine", "format_version": 1, "built_with": built, "precision": "fp16",
-                           "profile": {"min": 1, "opt": 8, "max": 8}, "preprocess": {}, "classes": ["a"],
+                           "profile": {"min": 1, "opt": 8, "max": 8}, "classes": ["a", "b"],
+                           "preprocess": {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
                            "engine": {"file": engine.name, "sha256": sha256_file(engine)}})
     engine.write_bytes(b"another plan, copied over it")
     fake_tensorrt(monkeypatch, "10.3.0")

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CLASSES, REPO, cifar_root, randomize_bn
+from conftest import CLASSES, REPO, cifar_full_test, randomize_bn
 
 SHARED = REPO.parent / "shared" / "models"
 R20 = SHARED / "resnet20-12fca82f.th"
@@ -91,7 +91,7 @@ def test_images():
     from resopt.data import load_eval_set
 
     pre = Preprocess(32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    ds = load_eval_set(cifar_root(), pre, split="test")
+    ds = load_eval_set(cifar_full_test(), pre, split="test")
     xs, ys = zip(*DataLoader(ds, batch_size=1000, num_workers=0), strict=True)
     return torch.cat(xs), torch.cat(ys)
 
