@@ -8,6 +8,7 @@ leaves every label readable.
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +70,8 @@ def scatter_plot(points: Sequence[Point], *, xlabel: str, ylabel: str, title: st
     _set_limits(ax, xs, ys, log_x)
     ax.set_xlabel(xlabel + (" (log scale)" if log_x else ""))
     ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
+    # Wrapped to the axes: a centred title longer than them runs off the figure (the legend sits outside).
+    ax.set_title(textwrap.fill(title, 72), fontsize=11)
     ax.grid(True, which="both", alpha=0.25)
     _place_labels(fig, ax, points)
     techniques = [t for t in TECHNIQUE_COLORS if any(p.technique == t for p in points)]
