@@ -480,7 +480,7 @@ def test_rebuild_command_repeats_every_build_option() -> None:
     from resopt.backends.tensorrt_backend import rebuild_command
 
     cfg = BuildConfig(int8=True, calib_data="calib/cifar10", sparsity=True, min_batch=2, opt_batch=8, max_batch=16,
-                      timing_cache=Path("t.cache"), num_calib=320)
+                      timing_cache=Path("t.cache"), calib_batch=32, num_calib=320)
     side = {"build_options": cfg.cli_options(), "onnx": {"path": "my model.onnx"}}
     assert rebuild_command(side, Path("m.engine")) == (
         "resopt build 'my model.onnx' -o m.engine --int8 --sparsity --calib-data calib/cifar10 --min-batch 2 "
@@ -590,7 +590,8 @@ def test_trt_runner_refuses_an_engine_replaced_after_its_build(tmp_path: Path,
     engine.write_bytes(b"the plan build wrote")
     built = {"tensorrt": "10.3.0", "gpu": "NVIDIA L4", "compute_capability": "8.9"}
     write_sidecar(engine, {"format": "resopt.engine", "format_version": 1, "built_with": built, "precision": "fp16",
-                           "profile": {"min": 1, "opt": 8, "max": 8}, "preprocess": {}, "classes": ["a"],
+                           "profile": {"min": 1, "opt": 8, "max": 8}, "classes": ["a", "b"],
+                           "preprocess": {"input_size": 32, "mean": [0.5] * 3, "std": [0.25] * 3},
                            "engine": {"file": engine.name, "sha256": sha256_file(engine)}})
     engine.write_bytes(b"another plan, copied over it")
     fake_tensorrt(monkeypatch, "10.3.0")
