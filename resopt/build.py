@@ -44,11 +44,11 @@ from resopt.errors import (
     InputFileError,
     MissingDependencyError,
     UsageError,
-    VerificationError,
 )
 
 if TYPE_CHECKING:
     from resopt.artifacts import Preprocess
+    from resopt.verify import Parity
 
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 64, 256
 DEFAULT_CALIB_BATCH = 32
@@ -565,54 +565,22 @@ def calibration_batch(calib_batch: int | None, static_batch: int | None) -> int:
 # ------------------------------------------------------------------------------------------ parity
 
 
-def parity_metrics(logits: Any, reference: Any, labels: Any) -> dict[str, float]:
-    """Engine (or any transformed model) vs its parent on the same images: top-1 agreement, max |diff|."""
-    import numpy as np
-
-    from resopt.metrics import TopK
-
-    logits, reference = np.asarray(logits, np.float32), np.asarray(reference, np.float32)
-    mine, ref = TopK(), TopK()
-    mine.update(logits, labels)
-    ref.update(reference, labels)
-    return {
-        "images": int(len(logits)),
-        "top1_agreement": round(100.0 * float((logits.argmax(1) == reference.argmax(1)).mean()), 3),
-        "max_abs_diff": round(float(np.abs(logits - reference).max()), 6),
-        "top1": round(mine.top1, 3), "top5": round(mine.top5, 3), "parent_top1": round(ref.top1, 3),
-    }
+def agreement_bound(gate: str, min_agreement: float | None = None) -> float:
+    """The minimum top-1 agreement (%) with the ONNX: ``--min-agreement`` or the precision's default."""
+    return MIN_AGREEMENT[gate] if min_agreement is None else min_agreement
 
 
-def check_parity(metrics: dict[str, float], *, gate: str, min_agreement: float | None = None,
-                 what: str = "engine") -> float:
-    """Raise VerificationError (with the numbers) if top-1 agreement is below the precision's bound."""
-    bound = MIN_AGREEMENT[gate] if min_agreement is None else min_agreement
-    if metrics["top1_agreement"] < bound:
-        raise VerificationError(
-            f"{what} agrees with its ONNX on only {metrics['top1_agreement']:.2f}% of top-1 predictions "
-            f"(need >= {bound:.1f}% for {gate}; {metrics['images']} images, max |diff| {metrics['max_abs_diff']:.4g},"
-            f" top-1 {metrics['top1']:.2f}% vs {metrics['parent_top1']:.2f}%)",
-            hint="check the calibration data, try --fp16 instead of --int8, or lower --min-agreement")
-    return bound
-
-
-def compare_with_onnx(runner: Any, onnx_path: Path, dataset: Any, *, batch_size: int = 64) -> dict[str, float]:
-    """Run ``runner`` and onnxruntime (CPU, the reference) on the same real images; ``parity_metrics``."""
-    import numpy as np
-
+def compare_with_onnx(runner: Any, onnx_path: Path, dataset: Any, *, source: str, batch_size: int = 64) -> Parity:
+    """``runner`` (the candidate) against onnxruntime on CPU (the reference) on the same labelled images."""
     from resopt.backends.ort_backend import make_session
     from resopt.data import make_loader
+    from resopt.verify import compare
 
     session = make_session(onnx_path)
     name = session.get_inputs()[0].name
-    outs, refs, labels = [], [], []
-    for images, y in make_loader(dataset, min(batch_size, getattr(runner, "max_batch", None) or batch_size),
-                                 shuffle=False):
-        x = images.numpy()
-        outs.append(runner.infer(x))
-        refs.append(session.run(None, {name: x})[0])
-        labels.append(y.numpy())
-    return parity_metrics(np.concatenate(outs), np.concatenate(refs), np.concatenate(labels))
+    loader = make_loader(dataset, min(batch_size, getattr(runner, "max_batch", None) or batch_size), shuffle=False)
+    return compare(lambda x: session.run(None, {name: x})[0], runner.infer,
+                   ((x.numpy(), y.numpy()) for x, y in loader), source=source)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -889,13 +857,15 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
 
     runner = TrtRunner(plan=engine_bytes, sidecar=sidecar)
     try:
-        metrics = compare_with_onnx(runner, onnx_path, verify_images)
+        parity = compare_with_onnx(runner, onnx_path, verify_images, source=verify_spec)
     finally:
         runner.close()
-    bound = check_parity(metrics, gate=plan.gate, min_agreement=cfg.min_agreement, what=output.name)
-    verification = {"verified": True, "data": verify_spec, "min_agreement": bound, **metrics}
-    log(f"engine vs ONNX on {metrics['images']} images: top-1 agreement {metrics['top1_agreement']:.2f}%, "
-        f"max |diff| {metrics['max_abs_diff']:.4g}, top-1 {metrics['top1']:.2f}%")
+    log(f"engine vs ONNX on {parity.images} images: top-1 agreement {parity.top1_agreement:.2f}%, "
+        f"max |diff| {parity.max_abs_diff:.4g}, top-1 {parity.top1:.2f}%")
+    parity = parity.check(what=output.name, against=f"its ONNX ({plan.gate})",
+                          min_agreement=agreement_bound(plan.gate, cfg.min_agreement),
+                          hint="check the calibration data, try --fp16 instead of --int8, or lower --min-agreement")
+    verification = {"verified": True, **parity.metrics()}
 
     timing_info = None
     if cfg.timing_cache is not None and cache_out:

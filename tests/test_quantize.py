@@ -253,7 +253,8 @@ def test_agreement_gate_fails_with_numbers_and_writes_nothing(cli, fp32_onnx, ci
     assert agreement < 100.0
     r = cli("quantize", fp32_onnx, "-o", "gate.onnx", *common, "--min-agreement", f"{agreement + 0.01:.3f}")
     assert r.code == 6
-    assert f"agrees with its parent on only {agreement:.2f}% of 100 test images" in r.stderr
+    assert f"Error: the int8 result agrees with its parent on only {agreement:.2f}% of top-1 predictions (need >= " \
+           f"{agreement + 0.01:g}%) on 100 images of {cifar_small}" in r.stderr
     assert not Path("gate.onnx").exists()
 
 

@@ -237,7 +237,7 @@ def prune_checkpoint(
 
     from resopt.artifacts import atomic_output, check_output_path, checkpoint_preprocess, lineage_entry, make_checkpoint
     from resopt.data import stack_images
-    from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, top1_of
+    from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, model_top1
     from resopt.models import model_from_checkpoint, model_widths
     from resopt.prune.sensitivity import conv_out_channels
     from resopt.train import fit
@@ -264,7 +264,7 @@ def prune_checkpoint(
         loss_fn = kd_loss_fn(teacher, dcfg, label_smoothing=ft_cfg.label_smoothing)
 
     def top1(m: nn.Module) -> float:
-        return top1_of(m, prepared.eval, ft_cfg)
+        return model_top1(m, prepared.eval, ft_cfg)
 
     def fine_tune(description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         if cfg.finetune_epochs < 1:

@@ -281,11 +281,12 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
     from resopt import quantize as Q
     from resopt.artifacts import check_output_path, checkpoint_preprocess, make_checkpoint, save_checkpoint
+    from resopt.backends.ort_backend import onnx_predict
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.console import log
     from resopt.quantize import ort as q
-    from resopt.quantize.guard import top1_of
     from resopt.train import DataOptions, fit, load_model, prepare_data
+    from resopt.verify import top1_of
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
@@ -313,7 +314,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
             return out
 
         fp32_acc = _topk(src.onnx, evals())
-        top1_ptq = top1_of(int8_of(src.onnx, "ptq"), evals())
+        top1_ptq = top1_of(onnx_predict(int8_of(src.onnx, "ptq")), evals())
         log(f"qat: FP32 top-1 {fp32_acc[0]:.2f}%, PTQ INT8 {top1_ptq:.2f}%")
 
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
@@ -353,9 +354,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
 
 def _topk(model: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    from resopt.quantize import ort_infer
+    from resopt.backends.ort_backend import onnx_predict
 
-    return _topk_fn(ort_infer(model), batches)
+    return _topk_fn(onnx_predict(model), batches)
 
 
 def _topk_fn(infer: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
