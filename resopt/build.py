@@ -45,6 +45,7 @@ from resopt.errors import (
     MissingDependencyError,
     UsageError,
 )
+from resopt.fp16 import convert_onnx_fp16
 
 if TYPE_CHECKING:
     from resopt.artifacts import Preprocess
@@ -52,16 +53,6 @@ if TYPE_CHECKING:
 
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 64, 256
 DEFAULT_CALIB_BATCH = 32
-
-# Ops kept in FP32 when the ONNX is converted to FP16: reductions and normalisations accumulate many
-# terms (a mean over 49 or 1,024 values), and exp/log/pow/softmax overflow or lose range in FP16's
-# 5-bit exponent. Convolutions, GEMMs, ReLU and Add - nearly all of a ResNet's time - run in FP16.
-FP16_KEEP_FP32_OPS: tuple[str, ...] = (
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "GlobalAveragePool",
-    "GlobalLpPool", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-    "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Erf",
-    "QuantizeLinear", "DequantizeLinear",
-)
 
 # Minimum top-1 agreement (%) between the engine and its ONNX on real images, per precision. INT8 from a
 # TensorRT calibration is compared with the FP32 ONNX, so it gets the loosest bound.
@@ -322,49 +313,6 @@ def plan_build(trt_version: str, *, fp16: bool = False, int8: bool = False, cali
                          f"where they are faster){deprecated}")
     return BuildPlan(trt_version, "fp32", False, False, sparse, False,
                      f"{tag}: FP32 ONNX, no precision flags (TF32 where the GPU has it)")
-
-
-# ---------------------------------------------------------------------------------- FP16 conversion
-
-
-@dataclass(frozen=True)
-class Fp16Conversion:
-    """What ``convert_onnx_fp16`` did: FP16 nodes, nodes kept in FP32 (by op type) and casts inserted."""
-
-    fp16_nodes: int
-    kept_fp32: dict[str, int]
-    casts: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def convert_onnx_fp16(model: Any, *, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> tuple[Any, Fp16Conversion]:
-    """An FP16 copy of an FP32 ONNX for TensorRT's strongly typed networks.
-
-    Inputs and outputs stay float32 (callers feed and read float32 as before; the casts run on the
-    GPU), ops in ``keep_fp32_ops`` and onnxruntime's own list of ops without FP16 kernels stay FP32
-    with casts around them, and weights are stored in FP16 (values beyond FP16's range are clamped
-    to +-65504 and tiny ones flushed, by the converter).
-    """
-    import copy
-
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    block = sorted(set(keep_fp32_ops) | set(DEFAULT_OP_BLOCK_LIST))
-    before = {n.name for n in model.graph.node}
-    # The converter edits the graph it is given; keep the caller's model intact.
-    converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, op_block_list=block)
-    kept: dict[str, int] = {}
-    fp16_nodes = casts = 0
-    for node in converted.graph.node:
-        if node.op_type == "Cast" and node.name not in before:
-            casts += 1
-        elif node.op_type in block:
-            kept[node.op_type] = kept.get(node.op_type, 0) + 1
-        else:
-            fp16_nodes += 1
-    return converted, Fp16Conversion(fp16_nodes, dict(sorted(kept.items())), casts)
 
 
 # ------------------------------------------------------------------------------------- calibration

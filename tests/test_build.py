@@ -21,7 +21,6 @@ from resopt.build import (
     BuildConfig,
     CalibrationFeeder,
     agreement_bound,
-    convert_onnx_fp16,
     interleave_by_class,
     onnx_input_spec,
     onnx_quantization,
@@ -38,6 +37,7 @@ from resopt.errors import (
     UsageError,
     VerificationError,
 )
+from resopt.fp16 import convert_onnx_fp16
 from resopt.verify import Parity, parity_of
 
 TRT_HINT = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'"

@@ -423,7 +423,7 @@ def _produce(src: _Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: Eval
     elif cfg.mode == "int8-dynamic":
         q.dynamic_int8(prepped, out, per_channel=cfg.per_channel, reduce_range=reduce_range, exclude=cfg.exclude)
     elif cfg.mode == "fp16":
-        q.float16(prepped, out, exclude=cfg.exclude)
+        produced.extra["fp16_conversion"] = q.float16(prepped, out, exclude=cfg.exclude).to_dict()
     elif cfg.mode == "kmeans":
         from resopt.quantize.kmeans import cluster_weights
 
