@@ -89,7 +89,7 @@ def load_teacher(path: Path, *, classes: list[str], preprocess: Preprocess, data
     import torch
 
     from resopt.data import check_classes
-    from resopt.train import load_model
+    from resopt.models import load_model
 
     path = Path(path)
     require_kind(path, "pt", hint="the teacher must be a .pt checkpoint (train, prune or distill output)")
@@ -116,8 +116,8 @@ def model_top1(model: nn.Module, dataset: Any, cfg: TrainConfig) -> float:
     eval loader); the model comes back on CPU."""
     import torch
 
+    from resopt.backends.cuda import resolve_device
     from resopt.data import make_loader
-    from resopt.train import resolve_device
     from resopt.verify import top1_of
 
     device = resolve_device(cfg.device)
@@ -180,8 +180,8 @@ def distill_model(
 ) -> DistillResult:
     """Train ``student`` (an architecture name, from scratch, or a .pt) against ``teacher`` on ``data``."""
     from resopt.data import check_classes
-    from resopt.models import build_model, count_macs, count_params, get_spec, model_widths
-    from resopt.train import fit, load_model, prepare_data, resume_path_for, seed_everything
+    from resopt.models import build_model, count_macs, count_params, get_spec, load_model, model_widths
+    from resopt.train import fit, prepare_data, resume_path_for, seed_everything
 
     cfg.validate()
     dcfg.validate()

@@ -229,8 +229,8 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     """Export ``checkpoint`` to ONNX at ``output``, verified against PyTorch on real images."""
     import torch
 
+    from resopt.models import load_model
     from resopt.onnx_utils import onnx_macs, onnx_param_counts
-    from resopt.train import load_model
 
     cfg = cfg or ExportConfig()
     cfg.validate()

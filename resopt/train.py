@@ -29,6 +29,7 @@ from resopt.artifacts import (
     make_checkpoint,
     save_checkpoint,
 )
+from resopt.backends.cuda import resolve_device
 from resopt.console import log, progress
 from resopt.errors import InputFileError, UsageError, choice_error
 from resopt.metrics import TopK
@@ -115,21 +116,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    import torch
-
-    if name == "auto":
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from resopt.errors import EnvironmentMismatchError
-
-        raise EnvironmentMismatchError("--device cuda was asked for but no CUDA GPU is visible to PyTorch",
-                                       hint="run on a GPU machine, or use --device cpu")
-    return torch.device(name)
 
 
 @dataclass(frozen=True)
@@ -527,13 +513,3 @@ def train_model(
                        eval_split=prepared.eval_split)
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A checkpoint's model (eval mode, CPU) and the checkpoint dict."""
-    from resopt.artifacts import load_checkpoint
-    from resopt.models import model_from_checkpoint
-
-    ckpt = load_checkpoint(path)
-    try:
-        return model_from_checkpoint(ckpt), ckpt
-    except KeyError as e:
-        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None

@@ -284,8 +284,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
     from resopt.backends.ort_backend import onnx_predict
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.console import log
+    from resopt.models import load_model
     from resopt.quantize import ort as q
-    from resopt.train import DataOptions, fit, load_model, prepare_data
+    from resopt.train import DataOptions, fit, prepare_data
     from resopt.verify import top1_of
 
     t0 = time.perf_counter()
