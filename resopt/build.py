@@ -746,7 +746,8 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
     has_qdq = onnx_quantization(model, onnx_path) == "qdq"
     calibrate = cfg.calib_data is not None
     check_request(int8=cfg.int8, calibrate=calibrate, has_qdq=has_qdq)
-    calib_batch = calibration_batch(cfg.calib_batch, spec.batch) if calibrate else None
+    if calibrate:
+        calibration_batch(cfg.calib_batch, spec.batch)  # a --calib-batch the ONNX cannot take fails here
 
     trt = require_tensorrt()
     plan = plan_build(trt.__version__, fp16=cfg.fp16, int8=cfg.int8, calibrate=calibrate, has_qdq=has_qdq,
@@ -774,7 +775,7 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
     feeder = calibrator = None
     if calibrate:
         feeder = CalibrationFeeder(cfg.calib_data, preprocess,  # type: ignore[arg-type]
-                                   batch_size=calib_batch,
+                                   batch_size=calibration_batch(cfg.calib_batch, spec.batch),
                                    num=cfg.num_calib, classes=meta.get("classes"), seed=cfg.seed,
                                    cache=cfg.calib_cache or output.with_suffix(".calib.cache"),
                                    model_sha256=sha256_file(onnx_path))

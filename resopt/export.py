@@ -179,9 +179,11 @@ def _torch_export(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) ->
                 model, (example,), None, dynamo=True, opset_version=cfg.opset, input_names=["input"],
                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
                 optimize=True)
+            if program is None:  # only when an output file is given, which this call does not
+                raise InputFileError("the dynamo exporter returned no program", hint="try --exporter torchscript")
             return program.model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=cfg.opset, input_names=["input"],
+        torch.onnx.export(model, (example,), buf, dynamo=False,  # type: ignore[arg-type]  # a file object works opset_version=cfg.opset, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                           do_constant_folding=True, verbose=False)
         return onnx.load_from_string(buf.getvalue())

@@ -176,7 +176,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     import torch
 
     # No weight decay on biases and batch-norm parameters: decaying them only hurts accuracy.
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -225,13 +226,13 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
+    sampler: Any = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
         if dist.world_size > 1 else None
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
                                drop_last=len(train_set) > cfg.batch_size, sampler=sampler)  # type: ignore
     eval_loader = None
     if eval_set is not None:
-        eval_sampler = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
+        eval_sampler: Any = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
         eval_loader = make_loader(eval_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
                                   sampler=eval_sampler)
 
@@ -442,6 +443,7 @@ def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, inp
     train_full = source.dataset("train", train_transform(preprocess))
     classes = classes_of(train_full)
     train_full = limit_per_class(train_full, opts.limit_per_class, seed=opts.seed)
+    eval_set: Dataset | None
     if opts.val_split:
         eval_full = source.dataset("train", eval_transform(preprocess))
         eval_full = limit_per_class(eval_full, opts.limit_per_class, seed=opts.seed)

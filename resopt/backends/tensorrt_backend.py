@@ -78,8 +78,7 @@ def tensorrt_cuda() -> str | None:
     from importlib import metadata
 
     for dist in metadata.distributions():
-        m = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?", str(dist.metadata.get("Name") or ""),
-                         re.IGNORECASE)
+        m = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?", str(dist.name or ""), re.IGNORECASE)
         if m:
             return m.group(1)
     return None
@@ -187,6 +186,8 @@ class TrtRunner(Runner):
 
     kind = "engine"
     runtime_modules = ("tensorrt", "torch")
+    min_batch: int  # the engine's profile (a fixed batch: both the same)
+    max_batch: int
 
     def __init__(self, path: Path | None = None, *, device: str = "gpu", threads: int | None = None,
                  plan: bytes | None = None, sidecar: dict[str, Any] | None = None) -> None:

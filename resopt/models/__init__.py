@@ -173,8 +173,10 @@ def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> nn.Module:
             raise InputFileError(f"checkpoint records a layer {name!r} that architecture has no place for")
         new: nn.Module | None = None
         if isinstance(m, nn.Conv2d) and [m.in_channels, m.out_channels, m.groups] != shape:
-            new = nn.Conv2d(shape[0], shape[1], m.kernel_size, m.stride, m.padding, m.dilation,
-                            groups=shape[2], bias=m.bias is not None, padding_mode=m.padding_mode)
+            geometry: dict[str, Any] = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                        "dilation": m.dilation}
+            new = nn.Conv2d(shape[0], shape[1], groups=shape[2], bias=m.bias is not None,
+                            padding_mode=m.padding_mode, **geometry)
         elif isinstance(m, nn.Linear) and [m.in_features, m.out_features] != shape:
             new = nn.Linear(shape[0], shape[1], bias=m.bias is not None)
         elif isinstance(m, nn.BatchNorm2d) and [m.num_features] != shape:

@@ -81,6 +81,7 @@ class PruneConfig:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        value: object  # the option values checked below have different types
         if self.layer_ratios is not None:
             for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
                                 ("--global", self.global_ or None)):

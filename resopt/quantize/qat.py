@@ -48,6 +48,11 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
     class ActFakeQuant(nn.Module):
         """Per-tensor activation fake quantization with min/max observation, then frozen ranges."""
 
+        lo: torch.Tensor  # buffers (register_buffer): typed here for the checker
+        hi: torch.Tensor
+        scale: torch.Tensor
+        zero_point: torch.Tensor
+
         def __init__(self, symmetric: bool) -> None:
             super().__init__()
             self.symmetric = symmetric
@@ -117,9 +122,11 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
             w, b = self.conv.weight, self.conv.bias
             if self.bn is None:
                 return w, b
-            scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-            b0 = b if b is not None else torch.zeros_like(self.bn.running_mean)
-            return w * scale.reshape(-1, 1, 1, 1), (b0 - self.bn.running_mean) * scale + self.bn.bias
+            mean, var = self.bn.running_mean, self.bn.running_var
+            assert mean is not None and var is not None, "QAT folds BatchNorm layers that track running stats"
+            scale = self.bn.weight / torch.sqrt(var + self.bn.eps)
+            b0 = b if b is not None else torch.zeros_like(mean)
+            return w * scale.reshape(-1, 1, 1, 1), (b0 - mean) * scale + self.bn.bias
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             w, b = self.folded()
