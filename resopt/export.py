@@ -183,7 +183,9 @@ def _torch_export(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) ->
                 raise InputFileError("the dynamo exporter returned no program", hint="try --exporter torchscript")
             return program.model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (example,), buf, dynamo=False,  # type: ignore[arg-type]  # a file object works opset_version=cfg.opset, input_names=["input"],
+        # torch.onnx.export writes to a file object as well as to a path (its stub says path only).
+        torch.onnx.export(model, (example,), buf, dynamo=False,  # type: ignore[arg-type]
+                          opset_version=cfg.opset, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                           do_constant_folding=True, verbose=False)
         return onnx.load_from_string(buf.getvalue())
