@@ -31,6 +31,7 @@ test-fast: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy resopt
 
 bench-cpu: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_cpu.py $(ARGS)

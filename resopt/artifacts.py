@@ -269,8 +269,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Preprocess:
-        return cls(input_size=int(d["input_size"]), mean=tuple(float(x) for x in d["mean"]),
-                   std=tuple(float(x) for x in d["std"]), resize=d.get("resize"))
+        mr, mg, mb = (float(x) for x in d["mean"])  # three values: resopt.schema validates the length
+        sr, sg, sb = (float(x) for x in d["std"])
+        return cls(input_size=int(d["input_size"]), mean=(mr, mg, mb), std=(sr, sg, sb), resize=d.get("resize"))
 
 
 def make_checkpoint(

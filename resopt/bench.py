@@ -313,8 +313,7 @@ def artifact_stats(path: Path, kind: str, input_size: int) -> ModelStats:
     recorded them there (``params``, ``nonzero_params``, ``macs``), else they are unknown.
     """
     if kind == "pt":
-        from resopt.models import count_macs, count_params
-        from resopt.train import load_model
+        from resopt.models import count_macs, count_params, load_model
 
         model, _ = load_model(path)
         params, nonzero = count_params(model)

@@ -6,9 +6,10 @@ Precision depends on the TensorRT major version, and resopt says which path it t
   strongly typed, so precision comes from the ONNX itself. ``--fp16`` converts the ONNX to FP16 first
   (inputs/outputs stay float32, numerically sensitive ops stay FP32); INT8 comes from Q/DQ nodes
   (``resopt quantize --target trt``); ``--int8 --calib-data`` is refused with the Q/DQ route as hint.
-* TensorRT 10 still has ``BuilderFlag.FP16``/``INT8`` and ``IInt8EntropyCalibrator2`` (deprecated since
-  10.1): ``--fp16`` sets the flag on a weakly typed network, ``--int8 --calib-data`` calibrates with an
-  entropy calibrator and a calibration cache, and a Q/DQ ONNX builds as a strongly typed network.
+* TensorRT 10 still has ``BuilderFlag.FP16``/``INT8`` (deprecated from 10.12) and ``IInt8EntropyCalibrator2``
+  (deprecated since 10.1): ``--fp16`` sets the flag on a weakly typed network, ``--int8 --calib-data``
+  calibrates with an entropy calibrator and a calibration cache, and a Q/DQ ONNX builds as a strongly
+  typed network.
 
 Everything that does not need TensorRT is a plain function tested on CPU: the path choice
 (``plan_build``), the batch profile (``resolve_profile``), the FP16 conversion (``convert_onnx_fp16``),
@@ -43,23 +44,15 @@ from resopt.errors import (
     InputFileError,
     MissingDependencyError,
     UsageError,
-    VerificationError,
 )
+from resopt.fp16 import convert_onnx_fp16
 
 if TYPE_CHECKING:
     from resopt.artifacts import Preprocess
+    from resopt.verify import Parity
 
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 64, 256
-
-# Ops kept in FP32 when the ONNX is converted to FP16: reductions and normalisations accumulate many
-# terms (a mean over 49 or 1,024 values), and exp/log/pow/softmax overflow or lose range in FP16's
-# 5-bit exponent. Convolutions, GEMMs, ReLU and Add - nearly all of a ResNet's time - run in FP16.
-FP16_KEEP_FP32_OPS: tuple[str, ...] = (
-    "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL1", "ReduceL2", "ReduceLogSumExp", "GlobalAveragePool",
-    "GlobalLpPool", "BatchNormalization", "LayerNormalization", "InstanceNormalization", "GroupNormalization",
-    "Softmax", "LogSoftmax", "Exp", "Log", "Pow", "Sqrt", "Reciprocal", "Erf",
-    "QuantizeLinear", "DequantizeLinear",
-)
+DEFAULT_CALIB_BATCH = 32
 
 # Minimum top-1 agreement (%) between the engine and its ONNX on real images, per precision. INT8 from a
 # TensorRT calibration is compared with the FP32 ONNX, so it gets the loosest bound.
@@ -298,70 +291,28 @@ def plan_build(trt_version: str, *, fp16: bool = False, int8: bool = False, cali
                              f"strongly typed network (TensorRT 11 has no FP16 builder flag)")
         return BuildPlan(trt_version, "fp32", True, False, sparse, False,
                          f"{tag}: FP32 ONNX, strongly typed network (TF32 where the GPU has it)")
-    # TensorRT 10.x
+    # TensorRT 10.x. BuilderFlag.FP16/INT8 are deprecated from 10.12 (strong typing replaces them) and gone in 11.
+    deprecated = " (BuilderFlag.FP16/INT8 are deprecated from TensorRT 10.12)"
     if calibrate:
         flags = ("INT8", "FP16") if fp16 else ("INT8",)
         return BuildPlan(trt_version, "int8-calibrated" + ("+fp16" if fp16 else ""), False, False, flags + sparse,
                          True, f"{tag}: BuilderFlag.{' + BuilderFlag.'.join(flags)} with an entropy calibrator "
-                               f"(IInt8EntropyCalibrator2, deprecated since 10.1), weakly typed network")
+                               f"(IInt8EntropyCalibrator2, deprecated since 10.1), weakly typed network{deprecated}")
     if has_qdq and fp16:
         # Weakly typed so that TensorRT may run the unquantized layers in FP16; a weakly typed Q/DQ
         # network also needs the INT8 flag to enable its quantized layers.
         return BuildPlan(trt_version, "int8+fp16", False, False, ("INT8", "FP16") + sparse, False,
                          f"{tag}: INT8 from Q/DQ nodes plus BuilderFlag.FP16 for the unquantized layers, "
-                         f"weakly typed network")
+                         f"weakly typed network{deprecated}")
     if has_qdq:
         return BuildPlan(trt_version, "int8", True, False, sparse, False,
                          f"{tag}: INT8 from the ONNX's Q/DQ nodes, strongly typed network")
     if fp16:
         return BuildPlan(trt_version, "fp16", False, False, ("FP16",) + sparse, False,
                          f"{tag}: BuilderFlag.FP16 on a weakly typed network (TensorRT picks FP16 kernels "
-                         f"where they are faster)")
+                         f"where they are faster){deprecated}")
     return BuildPlan(trt_version, "fp32", False, False, sparse, False,
                      f"{tag}: FP32 ONNX, no precision flags (TF32 where the GPU has it)")
-
-
-# ---------------------------------------------------------------------------------- FP16 conversion
-
-
-@dataclass(frozen=True)
-class Fp16Conversion:
-    """What ``convert_onnx_fp16`` did: FP16 nodes, nodes kept in FP32 (by op type) and casts inserted."""
-
-    fp16_nodes: int
-    kept_fp32: dict[str, int]
-    casts: int
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def convert_onnx_fp16(model: Any, *, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP32_OPS) -> tuple[Any, Fp16Conversion]:
-    """An FP16 copy of an FP32 ONNX for TensorRT's strongly typed networks.
-
-    Inputs and outputs stay float32 (callers feed and read float32 as before; the casts run on the
-    GPU), ops in ``keep_fp32_ops`` and onnxruntime's own list of ops without FP16 kernels stay FP32
-    with casts around them, and weights are stored in FP16 (values beyond FP16's range are clamped
-    to +-65504 and tiny ones flushed, by the converter).
-    """
-    import copy
-
-    from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
-
-    block = sorted(set(keep_fp32_ops) | set(DEFAULT_OP_BLOCK_LIST))
-    before = {n.name for n in model.graph.node}
-    # The converter edits the graph it is given; keep the caller's model intact.
-    converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, op_block_list=block)
-    kept: dict[str, int] = {}
-    fp16_nodes = casts = 0
-    for node in converted.graph.node:
-        if node.op_type == "Cast" and node.name not in before:
-            casts += 1
-        elif node.op_type in block:
-            kept[node.op_type] = kept.get(node.op_type, 0) + 1
-        else:
-            fp16_nodes += 1
-    return converted, Fp16Conversion(fp16_nodes, dict(sorted(kept.items())), casts)
 
 
 # ------------------------------------------------------------------------------------- calibration
@@ -494,85 +445,90 @@ class CalibrationFeeder:
         write_text_atomic(self._key_path(), json.dumps(self.key, indent=2) + "\n")
 
 
-def make_entropy_calibrator(trt: Any, feeder: CalibrationFeeder) -> Any:
-    """A ``trt.IInt8EntropyCalibrator2`` (TensorRT 10 only) that feeds ``feeder``'s batches from a CUDA tensor."""
+def make_entropy_calibrator(trt: Any, feeder: CalibrationFeeder, *, device: str = "cuda") -> Any:
+    """A ``trt.IInt8EntropyCalibrator2`` (TensorRT 10 only) that feeds ``feeder``'s batches from a ``device`` tensor.
+
+    The bindings catch any exception raised in a Python override: one in ``get_batch`` reads as "no more
+    batches" (calibration ends early and the build succeeds), one in ``write_calibration_cache`` is only
+    printed. So every override keeps its first exception in ``error``, and ``_serialize_engine`` re-raises
+    it once the build returns.
+    """
     import torch
 
     class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
             trt.IInt8EntropyCalibrator2.__init__(self)
             self._device_batch: Any = None  # referenced until the next call: TensorRT reads it asynchronously
+            self.error: BaseException | None = None
+
+        def _keep(self, e: BaseException) -> None:
+            if self.error is None:
+                self.error = e
 
         def get_batch_size(self) -> int:
             return feeder.batch_size
 
         def get_batch(self, names: list[str]) -> list[int] | None:
-            batch = feeder.next_batch()
-            if batch is None:
+            if self.error is not None:
                 return None
-            self._device_batch = torch.from_numpy(batch).to("cuda").contiguous()
-            return [int(self._device_batch.data_ptr())]
+            try:
+                batch = feeder.next_batch()
+                if batch is None:
+                    return None
+                self._device_batch = torch.from_numpy(batch).to(device).contiguous()
+                return [int(self._device_batch.data_ptr())]
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised after the build
+                self._keep(e)
+                return None
 
         def read_calibration_cache(self) -> bytes | None:
-            return feeder.read_cache()
+            try:
+                return feeder.read_cache()
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised after the build
+                self._keep(e)
+                return None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            feeder.write_cache(bytes(cache))
+            try:
+                feeder.write_cache(bytes(cache))
+            except BaseException as e:  # noqa: BLE001 - kept and re-raised after the build
+                self._keep(e)
 
     return _EntropyCalibrator()
+
+
+def calibration_batch(calib_batch: int | None, static_batch: int | None) -> int:
+    """The calibration batch size: ``--calib-batch`` (default 32) for a dynamic batch axis; an ONNX with a
+    fixed batch calibrates in batches of exactly that size (TensorRT reads ``get_batch_size`` images per call
+    into the network's fixed input), so another ``--calib-batch`` is refused rather than ignored."""
+    if static_batch is None:
+        return DEFAULT_CALIB_BATCH if calib_batch is None else calib_batch
+    if calib_batch is not None and calib_batch != static_batch:
+        raise UsageError(f"the ONNX input has a fixed batch of {static_batch}, so --calib-batch {calib_batch} "
+                         f"cannot apply (calibration batches must be {static_batch} images)",
+                         hint="drop --calib-batch, or export the model with a dynamic batch axis")
+    return static_batch
 
 
 # ------------------------------------------------------------------------------------------ parity
 
 
-def parity_metrics(logits: Any, reference: Any, labels: Any) -> dict[str, float]:
-    """Engine (or any transformed model) vs its parent on the same images: top-1 agreement, max |diff|."""
-    import numpy as np
-
-    from resopt.metrics import TopK
-
-    logits, reference = np.asarray(logits, np.float32), np.asarray(reference, np.float32)
-    mine, ref = TopK(), TopK()
-    mine.update(logits, labels)
-    ref.update(reference, labels)
-    return {
-        "images": int(len(logits)),
-        "top1_agreement": round(100.0 * float((logits.argmax(1) == reference.argmax(1)).mean()), 3),
-        "max_abs_diff": round(float(np.abs(logits - reference).max()), 6),
-        "top1": round(mine.top1, 3), "top5": round(mine.top5, 3), "parent_top1": round(ref.top1, 3),
-    }
+def agreement_bound(gate: str, min_agreement: float | None = None) -> float:
+    """The minimum top-1 agreement (%) with the ONNX: ``--min-agreement`` or the precision's default."""
+    return MIN_AGREEMENT[gate] if min_agreement is None else min_agreement
 
 
-def check_parity(metrics: dict[str, float], *, gate: str, min_agreement: float | None = None,
-                 what: str = "engine") -> float:
-    """Raise VerificationError (with the numbers) if top-1 agreement is below the precision's bound."""
-    bound = MIN_AGREEMENT[gate] if min_agreement is None else min_agreement
-    if metrics["top1_agreement"] < bound:
-        raise VerificationError(
-            f"{what} agrees with its ONNX on only {metrics['top1_agreement']:.2f}% of top-1 predictions "
-            f"(need >= {bound:.1f}% for {gate}; {metrics['images']} images, max |diff| {metrics['max_abs_diff']:.4g},"
-            f" top-1 {metrics['top1']:.2f}% vs {metrics['parent_top1']:.2f}%)",
-            hint="check the calibration data, try --fp16 instead of --int8, or lower --min-agreement")
-    return bound
-
-
-def compare_with_onnx(runner: Any, onnx_path: Path, dataset: Any, *, batch_size: int = 64) -> dict[str, float]:
-    """Run ``runner`` and onnxruntime (CPU, the reference) on the same real images; ``parity_metrics``."""
-    import numpy as np
-
+def compare_with_onnx(runner: Any, onnx_path: Path, dataset: Any, *, source: str, batch_size: int = 64) -> Parity:
+    """``runner`` (the candidate) against onnxruntime on CPU (the reference) on the same labelled images."""
     from resopt.backends.ort_backend import make_session
     from resopt.data import make_loader
+    from resopt.verify import compare
 
     session = make_session(onnx_path)
     name = session.get_inputs()[0].name
-    outs, refs, labels = [], [], []
-    for images, y in make_loader(dataset, min(batch_size, getattr(runner, "max_batch", None) or batch_size),
-                                 shuffle=False):
-        x = images.numpy()
-        outs.append(runner.infer(x))
-        refs.append(session.run(None, {name: x})[0])
-        labels.append(y.numpy())
-    return parity_metrics(np.concatenate(outs), np.concatenate(refs), np.concatenate(labels))
+    loader = make_loader(dataset, min(batch_size, getattr(runner, "max_batch", None) or batch_size), shuffle=False)
+    return compare(lambda x: session.run(None, {name: x})[0], runner.infer,
+                   ((x.numpy(), y.numpy()) for x, y in loader), source=source)
 
 
 # ------------------------------------------------------------------------------------------- build
@@ -584,7 +540,7 @@ class BuildConfig:
     int8: bool = False
     calib_data: str | None = None
     calib_cache: Path | None = None  # None: <output>.calib.cache when calibrating
-    calib_batch: int = 32
+    calib_batch: int | None = None  # None: 32, or the ONNX's fixed batch
     num_calib: int | None = None  # calibration images, class-balanced (None: the whole set)
     sparsity: bool = False
     workspace: str | None = None  # as given (e.g. "4G"); ``workspace_bytes`` parses it
@@ -603,7 +559,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         self.workspace_bytes  # noqa: B018 - parsing is the check
-        if self.calib_batch < 1:
+        if self.calib_batch is not None and self.calib_batch < 1:
             raise UsageError(f"--calib-batch must be at least 1, got {self.calib_batch}")
         if self.num_calib is not None and self.num_calib < 1:
             raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
@@ -655,8 +611,10 @@ def _timing_cache_bytes(path: Path | None) -> bytes:
 
 
 def _serialize_engine(trt: Any, onnx_bytes: bytes, onnx_path: Path, plan: BuildPlan, spec: InputSpec,
-                      profile: BatchProfile, cfg: BuildConfig, calibrator: Any, cache_in: bytes) -> tuple[bytes, bytes]:
-    """The TensorRT part: parse, configure, build. Returns (serialized plan, serialized timing cache)."""
+                      profile: BatchProfile, cfg: BuildConfig, calibrator: Any,
+                      cache_in: bytes) -> tuple[bytes, bytes, bool]:
+    """The TensorRT part: parse, configure, build. Returns (serialized plan, serialized timing cache, whether
+    the given timing cache was used)."""
     from resopt.backends.tensorrt_backend import make_logger
 
     logger = make_logger(trt)
@@ -683,17 +641,30 @@ def _serialize_engine(trt: Any, onnx_bytes: bytes, onnx_path: Path, plan: BuildP
         config.int8_calibrator = calibrator
         if spec.batch is None:
             # Calibration runs at one shape; TensorRT 10 needs a profile for it when the batch is dynamic.
+            # With a fixed batch the feeder's batch is that batch (``calibration_batch``), so no profile.
             calib_profile = builder.create_optimization_profile()
             b = calibrator.get_batch_size()
             calib_profile.set_shape(spec.name, *((b, *spec.sample_shape),) * 3)
             config.set_calibration_profile(calib_profile)
-    timing_cache = config.create_timing_cache(cache_in)
-    config.set_timing_cache(timing_cache, False)  # ignore_mismatch=False: a cache from another GPU is not used
+    cache_reused = bool(cache_in)
+    # ignore_mismatch=False: a cache made on another GPU or TensorRT is refused - set_timing_cache returns
+    # False and leaves the config without a cache - so the build starts from an empty one instead.
+    if not config.set_timing_cache(config.create_timing_cache(cache_in), False):
+        if cache_in:
+            warn(f"timing cache {cfg.timing_cache} was made on another GPU or TensorRT version; building without "
+                 f"it and overwriting it")
+        cache_reused = False
+        if not config.set_timing_cache(config.create_timing_cache(b""), False):
+            raise InputFileError(f"TensorRT refused an empty timing cache while building {onnx_path}")
     serialized = builder.build_serialized_network(network, config)
+    error = getattr(calibrator, "error", None)
+    if error is not None:  # the bindings swallowed it (see make_entropy_calibrator); the engine is not trusted
+        raise error
     if serialized is None:
         raise InputFileError(f"TensorRT could not build an engine from {onnx_path}: "
                              f"{(logger.errors or ['see the TensorRT log above'])[-1]}")
-    return bytes(serialized), bytes(config.get_timing_cache().serialize())
+    cache = config.get_timing_cache()
+    return bytes(serialized), (bytes(cache.serialize()) if cache is not None else b""), cache_reused
 
 
 def verification_set(cfg: BuildConfig, meta: dict[str, Any], preprocess: Preprocess,
@@ -775,6 +746,8 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
     has_qdq = onnx_quantization(model, onnx_path) == "qdq"
     calibrate = cfg.calib_data is not None
     check_request(int8=cfg.int8, calibrate=calibrate, has_qdq=has_qdq)
+    if calibrate:
+        calibration_batch(cfg.calib_batch, spec.batch)  # a --calib-batch the ONNX cannot take fails here
 
     trt = require_tensorrt()
     plan = plan_build(trt.__version__, fp16=cfg.fp16, int8=cfg.int8, calibrate=calibrate, has_qdq=has_qdq,
@@ -801,7 +774,8 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
 
     feeder = calibrator = None
     if calibrate:
-        feeder = CalibrationFeeder(cfg.calib_data, preprocess, batch_size=cfg.calib_batch,  # type: ignore[arg-type]
+        feeder = CalibrationFeeder(cfg.calib_data, preprocess,  # type: ignore[arg-type]
+                                   batch_size=calibration_batch(cfg.calib_batch, spec.batch),
                                    num=cfg.num_calib, classes=meta.get("classes"), seed=cfg.seed,
                                    cache=cfg.calib_cache or output.with_suffix(".calib.cache"),
                                    model_sha256=sha256_file(onnx_path))
@@ -811,8 +785,8 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
     log(f"building {output.name} ({plan.precision}, batch {profile.min}..{profile.max} tuned for {profile.opt}) "
         f"with {describe_env(here)}")
     t0 = time.perf_counter()
-    engine_bytes, cache_out = _serialize_engine(trt, onnx_bytes, onnx_path, plan, spec, profile, cfg, calibrator,
-                                                cache_in)
+    engine_bytes, cache_out, cache_reused = _serialize_engine(trt, onnx_bytes, onnx_path, plan, spec, profile, cfg,
+                                                              calibrator, cache_in)
     build_seconds = time.perf_counter() - t0
     calib_info = None if feeder is None else {
         **feeder.describe(), "batches_fed": feeder.batches_served, "cache": str(feeder.cache),
@@ -832,19 +806,22 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
 
     runner = TrtRunner(plan=engine_bytes, sidecar=sidecar)
     try:
-        metrics = compare_with_onnx(runner, onnx_path, verify_images)
+        parity = compare_with_onnx(runner, onnx_path, verify_images, source=verify_spec)
     finally:
         runner.close()
-    bound = check_parity(metrics, gate=plan.gate, min_agreement=cfg.min_agreement, what=output.name)
-    verification = {"verified": True, "data": verify_spec, "min_agreement": bound, **metrics}
-    log(f"engine vs ONNX on {metrics['images']} images: top-1 agreement {metrics['top1_agreement']:.2f}%, "
-        f"max |diff| {metrics['max_abs_diff']:.4g}, top-1 {metrics['top1']:.2f}%")
+    log(f"engine vs ONNX on {parity.images} images: top-1 agreement {parity.top1_agreement:.2f}%, "
+        f"max |diff| {parity.max_abs_diff:.4g}, top-1 {parity.top1:.2f}%")
+    parity = parity.check(what=output.name, against=f"its ONNX ({plan.gate})",
+                          min_agreement=agreement_bound(plan.gate, cfg.min_agreement),
+                          hint="check the calibration data, try --fp16 instead of --int8, or lower --min-agreement")
+    verification = {"verified": True, **parity.metrics()}
 
     timing_info = None
-    if cfg.timing_cache is not None:
+    if cfg.timing_cache is not None and cache_out:
         with atomic_output(cfg.timing_cache) as tmp:
             tmp.write_bytes(cache_out)
-        timing_info = {"file": str(cfg.timing_cache), "loaded_bytes": len(cache_in), "saved_bytes": len(cache_out)}
+        timing_info = {"file": str(cfg.timing_cache), "loaded_bytes": len(cache_in), "reused": cache_reused,
+                       "saved_bytes": len(cache_out)}
     sidecar["metrics"] = {**meta.get("metrics", {}), "build": verification}
     sidecar["lineage"] = list(meta.get("lineage", [])) + [lineage_entry(
         "build", options={**cfg.cli_options(), "precision": plan.precision, "build_path": plan.description},

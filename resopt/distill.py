@@ -89,7 +89,7 @@ def load_teacher(path: Path, *, classes: list[str], preprocess: Preprocess, data
     import torch
 
     from resopt.data import check_classes
-    from resopt.train import load_model
+    from resopt.models import load_model
 
     path = Path(path)
     require_kind(path, "pt", hint="the teacher must be a .pt checkpoint (train, prune or distill output)")
@@ -111,17 +111,27 @@ def load_teacher(path: Path, *, classes: list[str], preprocess: Preprocess, data
     return teacher.eval()
 
 
-def top1_of(model: nn.Module, dataset: Any, cfg: TrainConfig) -> float:
-    """top-1 (%) of ``model`` on ``dataset`` on the training device; the model comes back on CPU."""
+def model_top1(model: nn.Module, dataset: Any, cfg: TrainConfig) -> float:
+    """top-1 (%) of ``model`` on ``dataset`` on the training device (``resopt.verify.top1_of`` over the
+    eval loader); the model comes back on CPU."""
+    import torch
+
+    from resopt.backends.cuda import resolve_device
     from resopt.data import make_loader
-    from resopt.train import evaluate, resolve_device
+    from resopt.verify import top1_of
 
     device = resolve_device(cfg.device)
-    model.to(device)
-    acc = evaluate(model, make_loader(dataset, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers),
-                   device)
-    model.to("cpu")
-    return acc.top1
+    model.to(device).eval()
+
+    def predict(x: Any) -> Any:
+        with torch.no_grad():
+            return model(torch.from_numpy(x).to(device)).float().cpu().numpy()
+
+    loader = make_loader(dataset, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers)
+    try:
+        return top1_of(predict, ((x.numpy(), y.numpy()) for x, y in loader))
+    finally:
+        model.to("cpu")
 
 
 @dataclass
@@ -170,8 +180,8 @@ def distill_model(
 ) -> DistillResult:
     """Train ``student`` (an architecture name, from scratch, or a .pt) against ``teacher`` on ``data``."""
     from resopt.data import check_classes
-    from resopt.models import build_model, count_macs, count_params, get_spec, model_widths
-    from resopt.train import fit, load_model, prepare_data, resume_path_for, seed_everything
+    from resopt.models import build_model, count_macs, count_params, get_spec, load_model, model_widths
+    from resopt.train import fit, prepare_data, resume_path_for, seed_everything
 
     cfg.validate()
     dcfg.validate()
@@ -220,8 +230,8 @@ def distill_model(
                       data=data.data)
 
     main = int(os.environ.get("RANK", "0")) == 0
-    teacher_top1 = top1_of(t_model, prepared.eval, cfg)
-    before = top1_of(model, prepared.eval, cfg) if student_ckpt is not None else None
+    teacher_top1 = model_top1(t_model, prepared.eval, cfg)
+    before = model_top1(model, prepared.eval, cfg) if student_ckpt is not None else None
     if main:
         log(f"distilling {teacher.name} (top-1 {teacher_top1:.2f}%) into {arch}"
             f"{'' if student_ckpt is None else f' from {Path(student).name} (top-1 {before:.2f}%)'} on "

@@ -189,7 +189,8 @@ def driver_versions() -> tuple[str | None, str | None]:
         try:
             out = subprocess.run([smi, "--query-gpu=driver_version", "--format=csv,noheader"],
                                  capture_output=True, text=True, timeout=10, check=True).stdout
-            return (out.strip().splitlines() or [None])[0], None
+            lines = out.strip().splitlines()
+            return (lines[0] if lines else None), None
         except (OSError, subprocess.SubprocessError):
             pass
     return None, None

@@ -45,10 +45,10 @@ from resopt.artifacts import (
     stamp_onnx,
 )
 from resopt.console import log
-from resopt.errors import DataError, InputFileError, UsageError, VerificationError, choice_error
+from resopt.errors import DataError, InputFileError, UsageError, choice_error
+from resopt.verify import Parity
 
 if TYPE_CHECKING:
-    import numpy as np
     import onnx
     import torch
     from torch import nn
@@ -92,24 +92,6 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
-class Verification:
-    """onnxruntime vs PyTorch on the same real images."""
-
-    images: int
-    data: str
-    max_abs_diff: float
-    mean_abs_diff: float
-    logit_scale: float
-    allowed_abs_diff: float
-    top1_agreement: float  # fraction of images where both pick the same class
-    batch_sizes: tuple[int, ...]
-
-    @property
-    def passed(self) -> bool:
-        return self.max_abs_diff <= self.allowed_abs_diff
-
-
-@dataclass(frozen=True)
 class ExportResult:
     output: Path
     checkpoint: Path
@@ -121,13 +103,14 @@ class ExportResult:
     file_size: int
     batchnorm_nodes: int
     ops: dict[str, int]
-    verification: Verification
+    verification: Parity  # onnxruntime (candidate) vs PyTorch (reference), checked against --tolerance
+    verify_batch_sizes: tuple[int, ...]
     seconds: float
 
     def summary(self) -> dict[str, Any]:
         d = asdict(self)
         d["output"], d["checkpoint"] = str(self.output), str(self.checkpoint)
-        d["verification"]["batch_sizes"] = list(self.verification.batch_sizes)
+        d["verification"] = {**self.verification.metrics(), "batch_sizes": list(d.pop("verify_batch_sizes"))}
         return d
 
 
@@ -196,9 +179,13 @@ def _torch_export(model: nn.Module, example: torch.Tensor, cfg: ExportConfig) ->
                 model, (example,), None, dynamo=True, opset_version=cfg.opset, input_names=["input"],
                 output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},), verbose=False,
                 optimize=True)
+            if program is None:  # only when an output file is given, which this call does not
+                raise InputFileError("the dynamo exporter returned no program", hint="try --exporter torchscript")
             return program.model_proto
         buf = io.BytesIO()
-        torch.onnx.export(model, (example,), buf, dynamo=False, opset_version=cfg.opset, input_names=["input"],
+        # torch.onnx.export writes to a file object as well as to a path (its stub says path only).
+        torch.onnx.export(model, (example,), buf, dynamo=False,  # type: ignore[arg-type]
+                          opset_version=cfg.opset, input_names=["input"],
                           output_names=["logits"], dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
                           do_constant_folding=True, verbose=False)
         return onnx.load_from_string(buf.getvalue())
@@ -224,46 +211,30 @@ def clean_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
                              hint="try --exporter torchscript") from None
 
 
-def verify_onnx(model: nn.Module, onnx_bytes: bytes, images: torch.Tensor, *, tolerance: float,
-                batch_size: int, data: str) -> Verification:
-    """Run the same batches through PyTorch and onnxruntime and compare the logits."""
-    import numpy as np
+def verify_onnx(model: nn.Module, onnx_bytes: bytes, images: torch.Tensor, *, batch_size: int, data: str) -> Parity:
+    """Run the same batches through PyTorch (the reference) and onnxruntime and compare the logits."""
     import torch
 
     from resopt.backends.ort_backend import make_session
+    from resopt.verify import compare
 
     session = make_session(onnx_bytes)
     name = session.get_inputs()[0].name
-    diffs: list[np.ndarray] = []
-    agree = 0
-    scale = 0.0
-    sizes: list[int] = []
-    with torch.inference_mode():
-        for start in range(0, len(images), batch_size):
-            batch = images[start:start + batch_size]
-            ref = model(batch).float().numpy()
-            got = session.run(None, {name: batch.numpy()})[0]
-            if got.shape != ref.shape:
-                raise VerificationError(f"onnxruntime returned logits of shape {got.shape} for a batch of "
-                                        f"{len(batch)}, PyTorch {ref.shape}")
-            diffs.append(np.abs(got.astype(np.float64) - ref.astype(np.float64)).ravel())
-            agree += int((got.argmax(1) == ref.argmax(1)).sum())
-            scale = max(scale, float(np.abs(ref).max()))
-            sizes.append(len(batch))
-    diff = np.concatenate(diffs)
-    max_diff = float(diff.max()) if np.isfinite(diff).all() else float("inf")
-    scale = max(1.0, scale)
-    return Verification(images=len(images), data=data, max_abs_diff=max_diff, mean_abs_diff=float(diff.mean()),
-                        logit_scale=scale, allowed_abs_diff=tolerance * scale,
-                        top1_agreement=agree / len(images), batch_sizes=tuple(sorted(set(sizes), reverse=True)))
+
+    def pytorch(x: Any) -> Any:
+        with torch.inference_mode():
+            return model(torch.from_numpy(x)).float().numpy()
+
+    batches = ((images[s:s + batch_size].numpy(), None) for s in range(0, len(images), batch_size))
+    return compare(pytorch, lambda x: session.run(None, {name: x})[0], batches, source=data)
 
 
 def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None) -> ExportResult:
     """Export ``checkpoint`` to ONNX at ``output``, verified against PyTorch on real images."""
     import torch
 
+    from resopt.models import load_model
     from resopt.onnx_utils import onnx_macs, onnx_param_counts
-    from resopt.train import load_model
 
     cfg = cfg or ExportConfig()
     cfg.validate()
@@ -289,19 +260,16 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
                          hint=f"use --opset {opset}")
     proto = clean_onnx(proto)
 
-    verification = verify_onnx(model, proto.SerializeToString(), images, tolerance=cfg.tolerance,
-                               batch_size=cfg.verify_batch, data=data)
-    log(f"verified on {verification.images} images of {data}: max |ORT - PyTorch| = "
-        f"{verification.max_abs_diff:.3g} (allowed {verification.allowed_abs_diff:.3g}), "
-        f"top-1 agreement {100 * verification.top1_agreement:.1f}%")
-    if not verification.passed:
-        raise VerificationError(
-            f"onnxruntime and PyTorch disagree on {verification.images} images: max abs diff "
-            f"{verification.max_abs_diff:.4g} > allowed {verification.allowed_abs_diff:.4g} (tolerance "
-            f"{cfg.tolerance:g} x logit scale {verification.logit_scale:.3g}); top-1 agreement "
-            f"{100 * verification.top1_agreement:.1f}%",
-            hint=f"try --exporter {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}, or raise "
-                 f"--tolerance if the difference is expected")
+    parity = verify_onnx(model, proto.SerializeToString(), images, batch_size=cfg.verify_batch, data=data)
+    allowed = cfg.tolerance * parity.logit_scale
+    log(f"verified on {parity.images} images of {data}: max |ORT - PyTorch| = {parity.max_abs_diff:.3g} "
+        f"(allowed {allowed:.3g}), top-1 agreement {parity.top1_agreement:.1f}%")
+    verification = parity.check(
+        what="onnxruntime", against="PyTorch", allowed_abs_diff=allowed,
+        hint=f"try --exporter {'torchscript' if cfg.exporter == 'dynamo' else 'dynamo'}, or raise "
+             f"--tolerance (now {cfg.tolerance:g} x the logit scale) if the difference is expected")
+    sizes = tuple(sorted({min(cfg.verify_batch, len(images) - s) for s in range(0, len(images), cfg.verify_batch)},
+                         reverse=True))
 
     params, _ = onnx_param_counts(proto)
     macs = onnx_macs(proto)
@@ -311,8 +279,9 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     bn_nodes = ops.get("BatchNormalization", 0)
     if bn_nodes:
         log(f"[yellow]note:[/yellow] {bn_nodes} BatchNormalization node(s) were not folded into a Conv")
-    metrics = {"max_abs_diff": verification.max_abs_diff, "mean_abs_diff": verification.mean_abs_diff,
-               "logit_scale": verification.logit_scale, "top1_agreement": verification.top1_agreement,
+    checked = verification.metrics()
+    metrics = {**{k: checked[k] for k in ("max_abs_diff", "mean_abs_diff", "logit_scale", "allowed_abs_diff",
+                                          "top1_agreement")},
                "verify_images": verification.images, "opset": opset, "exporter": cfg.exporter,
                "params": params, "macs": macs, "batchnorm_nodes": bn_nodes}
     options = {"opset": cfg.opset, "exporter": cfg.exporter, "data": data, "split": cfg.split,
@@ -324,4 +293,4 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     return ExportResult(output=output, checkpoint=checkpoint, arch=ckpt["arch"], opset=opset,
                         exporter=cfg.exporter, params=params, macs=macs, file_size=output.stat().st_size,
                         batchnorm_nodes=bn_nodes, ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
-                        verification=verification, seconds=time.perf_counter() - t0)
+                        verification=verification, verify_batch_sizes=sizes, seconds=time.perf_counter() - t0)

@@ -19,6 +19,7 @@ from typing import Any
 
 from resopt.artifacts import Preprocess, artifact_kind, sha256_file
 from resopt.errors import InputFileError
+from resopt.verify import agreement_percent
 
 KIND_NAMES = {"pt": "PyTorch checkpoint", "onnx": "ONNX model", "engine": "TensorRT engine"}
 
@@ -56,10 +57,12 @@ class LineageStep:
         if keys is None:  # a command this table does not know: its first few plain options
             keys = tuple(k for k, v in options.items() if isinstance(v, (str, int, float, bool)))[:5]
         parent = entry.get("parent") or {}
+        shown = {k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None}
+        if "top1_agreement" in shown:  # percent, also for entries written when export/import stored a fraction
+            shown["top1_agreement"] = agreement_percent(command, metrics)
         return cls(command=command, time=str(entry.get("time", "")),
                    options={k: options[k] for k in keys if options.get(k) not in (None, "", [], {})},
-                   parent_file=parent.get("file"), parent_sha256=parent.get("sha256"),
-                   metrics={k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None})
+                   parent_file=parent.get("file"), parent_sha256=parent.get("sha256"), metrics=shown)
 
 
 @dataclass(frozen=True)

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 from resopt.errors import InputFileError
 
@@ -168,7 +168,8 @@ class _Constants:
         try:
             ev = ReferenceEvaluator(node, opsets={"": self.opsets.get("", 18)})
             feeds = {i: v for i, v in zip(node.input, inputs, strict=True) if i}
-            outs = ev.run(None, feeds)
+            outs = ev.run(None, feeds)  # a list: intermediate=False
+            assert isinstance(outs, list)
         except Exception:
             return None
         for out_name, value in zip(node.output, outs, strict=False):
@@ -233,6 +234,8 @@ def onnx_param_counts(model: onnx.ModelProto) -> tuple[int, int]:
             nonzero += _nonzero(value, zp, conv_weight=node.op_type in CONV_OPS)
     for name in _bias_add_slots(model, consts):
         value = consts.get(name)
+        if value is None:  # _bias_add_slots names constants only; this is for the checker
+            continue
         params += int(value.size)
         nonzero += _nonzero(value, None, conv_weight=False)
     return params, nonzero
@@ -353,7 +356,7 @@ def _prod(dims: Shape) -> int:
     return out
 
 
-def _known(shape: Shape | None) -> bool:
+def _known(shape: Shape | None) -> TypeGuard[Shape]:
     return shape is not None and all(isinstance(d, int) and d > 0 for d in shape)
 
 

@@ -29,6 +29,7 @@ from resopt.artifacts import (
     make_checkpoint,
     save_checkpoint,
 )
+from resopt.backends.cuda import resolve_device
 from resopt.console import log, progress
 from resopt.errors import InputFileError, UsageError, choice_error
 from resopt.metrics import TopK
@@ -117,21 +118,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    import torch
-
-    if name == "auto":
-        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        from resopt.errors import EnvironmentMismatchError
-
-        raise EnvironmentMismatchError("--device cuda was asked for but no CUDA GPU is visible to PyTorch",
-                                       hint="run on a GPU machine, or use --device cpu")
-    return torch.device(name)
-
-
 @dataclass(frozen=True)
 class _Dist:
     rank: int = 0
@@ -190,7 +176,8 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
     import torch
 
     # No weight decay on biases and batch-norm parameters: decaying them only hurts accuracy.
-    decay, no_decay = [], []
+    decay: list[Any] = []
+    no_decay: list[Any] = []
     for p in model.parameters():
         if p.requires_grad:
             (no_decay if p.ndim <= 1 else decay).append(p)
@@ -239,13 +226,13 @@ def fit(
     if channels_last:
         model.to(memory_format=torch.channels_last)
 
-    sampler = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
+    sampler: Any = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
         if dist.world_size > 1 else None
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
                                drop_last=len(train_set) > cfg.batch_size, sampler=sampler)  # type: ignore
     eval_loader = None
     if eval_set is not None:
-        eval_sampler = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
+        eval_sampler: Any = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
         eval_loader = make_loader(eval_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
                                   sampler=eval_sampler)
 
@@ -456,6 +443,7 @@ def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, inp
     train_full = source.dataset("train", train_transform(preprocess))
     classes = classes_of(train_full)
     train_full = limit_per_class(train_full, opts.limit_per_class, seed=opts.seed)
+    eval_set: Dataset | None
     if opts.val_split:
         eval_full = source.dataset("train", eval_transform(preprocess))
         eval_full = limit_per_class(eval_full, opts.limit_per_class, seed=opts.seed)
@@ -527,13 +515,3 @@ def train_model(
                        eval_split=prepared.eval_split)
 
 
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A checkpoint's model (eval mode, CPU) and the checkpoint dict."""
-    from resopt.artifacts import load_checkpoint
-    from resopt.models import model_from_checkpoint
-
-    ckpt = load_checkpoint(path)
-    try:
-        return model_from_checkpoint(ckpt), ckpt
-    except KeyError as e:
-        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None

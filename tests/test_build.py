@@ -20,12 +20,10 @@ from resopt.build import (
     BatchProfile,
     BuildConfig,
     CalibrationFeeder,
-    check_parity,
-    convert_onnx_fp16,
+    agreement_bound,
     interleave_by_class,
     onnx_input_spec,
     onnx_quantization,
-    parity_metrics,
     parse_size,
     plan_build,
     resolve_profile,
@@ -39,6 +37,8 @@ from resopt.errors import (
     UsageError,
     VerificationError,
 )
+from resopt.fp16 import convert_onnx_fp16
+from resopt.verify import Parity, parity_of
 
 TRT_HINT = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'"
 
@@ -314,12 +314,13 @@ def test_fp16_conversion_keeps_io_fp32_and_agrees_with_fp32_on_real_images(r20_o
     ref = _logits(r20_onnx, images.numpy())
     out = _logits(converted.SerializeToString(), images.numpy())
     assert out.dtype == np.float32
-    m = parity_metrics(out, ref, labels.numpy())
-    assert m["images"] == 200
-    assert m["top1_agreement"] >= 98.0, m
-    assert 0 < m["max_abs_diff"] < 0.05 * max(1.0, float(np.abs(ref).max())), m  # FP16, not bit-exact FP32
-    assert abs(m["top1"] - m["parent_top1"]) <= 1.0, m
-    assert check_parity(m, gate="fp16") == MIN_AGREEMENT["fp16"]
+    m = parity_of(ref, out, labels.numpy(), source="cifar_small")
+    assert m.images == 200
+    assert m.top1_agreement >= 98.0, m
+    assert 0 < m.max_abs_diff < 0.05 * m.logit_scale, m  # FP16, not bit-exact FP32
+    assert abs(m.top1 - m.parent_top1) <= 1.0, m
+    assert m.check(what="fp16", against="fp32", min_agreement=agreement_bound("fp16")).min_agreement == \
+        MIN_AGREEMENT["fp16"]
 
 
 def test_check_parity_fails_with_the_numbers() -> None:
@@ -327,11 +328,13 @@ def test_check_parity_fails_with_the_numbers() -> None:
     ref = rng.standard_normal((40, 10)).astype(np.float32)
     out = ref.copy()
     out[:20] = -out[:20]  # flips the argmax of half the rows
-    m = parity_metrics(out, ref, ref.argmax(1))
-    assert m["top1_agreement"] == 50.0 and m["parent_top1"] == 100.0
-    with pytest.raises(VerificationError, match=r"only 50.00% of top-1 .*need >= 98.0% for fp16; 40 images"):
-        check_parity(m, gate="fp16")
-    assert check_parity(m, gate="fp16", min_agreement=40.0) == 40.0
+    m = parity_of(ref, out, ref.argmax(1), source="noise")
+    assert m.top1_agreement == 50.0 and m.parent_top1 == 100.0 and m.top1 == 50.0
+    with pytest.raises(VerificationError, match=r"e agrees with its ONNX \(fp16\) on only 50.00% of top-1 .*need "
+                                                r">= 98%\) on 40 images of noise; max \|diff\| .*top-1 50.00% vs 100"):
+        m.check(what="e", against="its ONNX (fp16)", min_agreement=agreement_bound("fp16"))
+    checked = m.check(what="e", against="its ONNX", min_agreement=agreement_bound("fp16", 40.0))
+    assert checked.min_agreement == 40.0 and checked.metrics()["min_agreement"] == 40.0
 
 
 # ------------------------------------------------------------------------- calibration feeding
@@ -480,7 +483,7 @@ def test_rebuild_command_repeats_every_build_option() -> None:
     from resopt.backends.tensorrt_backend import rebuild_command
 
     cfg = BuildConfig(int8=True, calib_data="calib/cifar10", sparsity=True, min_batch=2, opt_batch=8, max_batch=16,
-                      timing_cache=Path("t.cache"), num_calib=320)
+                      timing_cache=Path("t.cache"), calib_batch=32, num_calib=320)
     side = {"build_options": cfg.cli_options(), "onnx": {"path": "my model.onnx"}}
     assert rebuild_command(side, Path("m.engine")) == (
         "resopt build 'my model.onnx' -o m.engine --int8 --sparsity --calib-data calib/cifar10 --min-batch 2 "
@@ -661,12 +664,13 @@ def test_build_exits_6_and_writes_nothing_when_the_engine_disagrees(cli, r20_onn
     import resopt.build as build_mod
 
     def disagreeing(*args, **kwargs):  # what a broken engine measures: half its predictions differ
-        return {"images": 20, "top1_agreement": 50.0, "max_abs_diff": 3.0, "top1": 10.0, "parent_top1": 30.0}
+        return Parity(images=20, source="cifar_small", max_abs_diff=3.0, mean_abs_diff=1.0, top1_agreement=50.0,
+                      logit_scale=5.0, top1=10.0, parent_top1=30.0)
 
     monkeypatch.setattr(build_mod, "compare_with_onnx", disagreeing)
     r = cli("build", r20_onnx, "--fp16", "--data", cifar_small, "-o", "bad.engine", "--json")
     assert r.code == 6 and r.stdout == ""
-    assert "bad.engine agrees with its ONNX on only 50.00% of top-1 predictions" in r.stderr
+    assert "bad.engine agrees with its ONNX (fp16) on only 50.00% of top-1 predictions" in r.stderr
     assert sorted(p.name for p in workdir.iterdir()) == []
 
 

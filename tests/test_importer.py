@@ -122,7 +122,7 @@ def imported(tmp_path_factory: pytest.TempPathFactory, cifar_mini: Path) -> dict
 @pytest.mark.slow
 @pytest.mark.parametrize("name,src,depth", [("r20", R20, 20), ("r56", R56, 56)])
 def test_shared_models_match_reference_on_full_test_set(imported, test_images, name, src, depth, capsys):
-    from resopt.train import load_model
+    from resopt.models import load_model
 
     images, labels = test_images
     assert len(images) == 10_000
@@ -166,8 +166,7 @@ def test_import_lineage_and_checkpoint(imported):
 def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, tmp_path, name):
     """Structured pruning with --round-to 8 and fine-tuning, export with parity, INT8, bench."""
     from resopt.artifacts import load_checkpoint, read_onnx_meta
-    from resopt.models import model_widths
-    from resopt.train import load_model
+    from resopt.models import load_model, model_widths
 
     src, pruned = imported[name], tmp_path / f"{name}.m50.pt"
     r = cli("prune", src, "--target-macs", "0.5", "--global", "--round-to", "8", "--finetune-epochs", "1",
@@ -183,7 +182,7 @@ def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, 
     onnx_path, int8 = tmp_path / f"{name}.onnx", tmp_path / f"{name}.int8.onnx"
     r = cli("export", src, "-o", onnx_path, "--json")
     assert r.code == 0, r.stderr
-    assert r.json()["verification"]["top1_agreement"] == 1.0
+    assert r.json()["verification"]["top1_agreement"] == 100.0
     r = cli("quantize", onnx_path, "--mode", "int8", "-o", int8, "--data", cifar_mini, "--json")
     assert r.code == 0, r.stderr
     q = r.json()
@@ -209,7 +208,7 @@ def _save(obj, path: Path) -> Path:
 def _logits_match(out: Path, reference, size: int = 32) -> float:
     import torch
 
-    from resopt.train import load_model
+    from resopt.models import load_model
 
     model, _ = load_model(out)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))
@@ -315,7 +314,7 @@ def test_onnx_fixed_batch_old_opset_imports_and_quantizes(cli, tmp_path, old_onn
     assert r.code == 0, r.stderr
     d = r.json()
     assert d["opset_from"] == 11 and d["opset_to"] >= 13 and d["fixed_batch"] == 1
-    assert d["verification"]["max_abs_diff"] < 1e-4 and d["verification"]["top1_agreement"] == 1.0
+    assert d["verification"]["max_abs_diff"] < 1e-4 and d["verification"]["top1_agreement"] == 100.0
     assert d["metrics"]["top1"] > 60.0
     model = onnx.load(str(out))
     assert model.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"

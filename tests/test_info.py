@@ -81,14 +81,14 @@ def test_onnx_info_table_and_json(cli, chain: dict[str, Path]) -> None:
     export = d["lineage_steps"][1]
     assert export["parent_file"] == "r20.pt" and export["parent_sha256"] == sha256_file(pt)
     assert export["options"] == {"exporter": "dynamo", "opset": 18, "tolerance": 0.001, "num_verify": 20}
-    assert export["metrics"]["top1_agreement"] == 1.0 and export["metrics"]["max_abs_diff"] < 1e-4
+    assert export["metrics"]["top1_agreement"] == 100.0 and export["metrics"]["max_abs_diff"] < 1e-4
     assert d["lineage"] == read_onnx_meta(path)["lineage"]  # the full entries travel in --json
 
     r = cli("info", path)
     assert r.code == 0
     out = r.stdout
     for text in ("ONNX opset 18, FP32", "resnet20", "10 (airplane", "MACs / image", "lineage (oldest first)",
-                 "exporter=dynamo", f"r20.pt @ {sha256_file(pt)[:12]}", "32x32", "top1_agreement=1"):
+                 "exporter=dynamo", f"r20.pt @ {sha256_file(pt)[:12]}", "32x32", "top1_agreement=100%"):
         assert text in out, text
     assert r.stderr == ""
 

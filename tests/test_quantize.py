@@ -177,6 +177,21 @@ def test_fp16_weights_half_io_float(cli, fp32_onnx, cifar_small, workdir):
         assert v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert d["agreement"] >= 99.0 and d["agreement_images"] == 50
     assert abs(d["result"]["top1"] - d["parent"]["top1"]) <= 2.0
+    # The numerically sensitive ops stay FP32, as in `build --fp16` (one conversion, resopt.fp16): the
+    # global average pool reads and writes float32 between casts.
+    from resopt.fp16 import FP16_KEEP_FP32_OPS, convert_onnx_fp16
+
+    typed = onnx.shape_inference.infer_shapes(model)
+    types = {v.name: v.type.tensor_type.elem_type for v in list(typed.graph.value_info) + list(typed.graph.input)
+             + list(typed.graph.output)}
+    sensitive = [n for n in typed.graph.node if n.op_type in FP16_KEEP_FP32_OPS]
+    assert sensitive, "the ResNet's global average pool is a sensitive op"
+    for node in sensitive:
+        assert types[node.input[0]] == types[node.output[0]] == onnx.TensorProto.FLOAT, node.name
+    assert any(types.get(n.output[0]) == onnx.TensorProto.FLOAT16 for n in typed.graph.node if n.op_type == "Conv")
+    kept = {n.op_type for n in sensitive}
+    assert set(d["fp16_conversion"]["kept_fp32"]) == kept
+    assert set(convert_onnx_fp16(onnx.load(str(fp32_onnx)))[1].kept_fp32) == kept  # what build --fp16 keeps
     out.unlink()
 
 
@@ -253,7 +268,8 @@ def test_agreement_gate_fails_with_numbers_and_writes_nothing(cli, fp32_onnx, ci
     assert agreement < 100.0
     r = cli("quantize", fp32_onnx, "-o", "gate.onnx", *common, "--min-agreement", f"{agreement + 0.01:.3f}")
     assert r.code == 6
-    assert f"agrees with its parent on only {agreement:.2f}% of 100 test images" in r.stderr
+    assert f"Error: the int8 result agrees with its parent on only {agreement:.2f}% of top-1 predictions (need >= " \
+           f"{agreement + 0.01:g}%) on 100 images of {cifar_small}" in r.stderr
     assert not Path("gate.onnx").exists()
 
 

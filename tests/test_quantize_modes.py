@@ -187,8 +187,8 @@ def test_qat_model_simulates_the_exported_graph(trained_pt):
     function; its state dict is a plain checkpoint of the original architecture."""
     import torch
 
+    from resopt.models import load_model
     from resopt.quantize.qat import calibrate_ranges, export_state_dict, prepare_qat
-    from resopt.train import load_model
 
     model, _ = load_model(trained_pt)
     qm = prepare_qat(model, symmetric_acts=False, per_channel=True)

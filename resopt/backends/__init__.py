@@ -50,6 +50,10 @@ class Runner:
     # puts it into the file's row.
     details: dict[str, Any] = {}
 
+    def __init__(self, path: Path | None = None, *, device: str = "cpu", threads: int | None = None,
+                 **options: Any) -> None:
+        """Subclasses load ``path`` for ``device`` (``threads``: CPU threads; ``options``: backend-specific)."""
+
     @classmethod
     def load_runtime(cls) -> None:
         """Load the runtime's libraries (``bench`` does it before reading a worker's baseline memory)."""

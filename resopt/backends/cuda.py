@@ -22,6 +22,22 @@ def require_cuda(what: str = "this", *,
     return torch
 
 
+def resolve_device(name: str = "auto") -> Any:
+    """The ``torch.device`` for ``--device`` (auto: this process's GPU under torchrun, else any GPU, else CPU)."""
+    import os
+
+    import torch
+
+    if name == "auto":
+        if "LOCAL_RANK" in os.environ and torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise EnvironmentMismatchError("--device cuda was asked for but no CUDA GPU is visible to PyTorch",
+                                       hint="run on a GPU machine, or use --device cpu")
+    return torch.device(name)
+
+
 def cuda_event_times(run: Callable[[], None], *, stream: Any, warmup: int, iters: int,
                      min_seconds: float = 0.0) -> list[float]:
     """Seconds per call of ``run`` (which enqueues work on ``stream``), measured with CUDA events.

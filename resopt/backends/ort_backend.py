@@ -10,6 +10,13 @@ from resopt.backends import Runner
 from resopt.errors import EnvironmentMismatchError, InputFileError
 
 
+def onnx_predict(path: Path | bytes) -> Any:
+    """``batch -> logits`` of an ONNX model through onnxruntime on CPU (what ``resopt.verify`` compares)."""
+    sess = make_session(path)
+    name = sess.get_inputs()[0].name
+    return lambda x: sess.run(None, {name: x})[0]
+
+
 def make_session(path: Path | bytes, *, device: str = "cpu", threads: int | None = None) -> Any:
     """An InferenceSession with full graph optimisation; ``threads`` sets intra-op threads."""
     import onnxruntime as ort

@@ -70,15 +70,32 @@ def make_logger(trt: Any) -> Any:
 # ------------------------------------------------------------------------------------ portability guard
 
 
+def tensorrt_cuda() -> str | None:
+    """The CUDA major version this TensorRT was built for, where its packaging says so: NVIDIA's wheels are
+    named per CUDA major (``tensorrt-cu12``, ``tensorrt_cu13_libs``, ...). None for a TensorRT installed
+    another way (a system package reports no CUDA through the Python bindings)."""
+    import re
+    from importlib import metadata
+
+    for dist in metadata.distributions():
+        m = re.fullmatch(r"tensorrt[-_]cu(\d+)(?:[-_](?:libs|bindings))?", str(dist.name or ""), re.IGNORECASE)
+        if m:
+            return m.group(1)
+    return None
+
+
 def engine_env_here(trt_version: str) -> dict[str, Any]:
-    """The facts a sidecar records and the guard compares, for this machine's first GPU."""
+    """The facts a sidecar records and the guard compares, for this machine's first GPU. ``cuda`` is
+    TensorRT's CUDA (``tensorrt_cuda``, None where unknown), ``torch_cuda`` the CUDA of the torch that
+    moves the buffers."""
     from resopt.backends.cuda import require_cuda
     from resopt.envinfo import driver_versions
 
     torch = require_cuda("a TensorRT engine")
     props = torch.cuda.get_device_properties(0)
-    return {"tensorrt": trt_version, "cuda": torch.version.cuda, "gpu": str(props.name),
-            "compute_capability": f"{props.major}.{props.minor}", "driver": driver_versions()[0]}
+    return {"tensorrt": trt_version, "cuda": tensorrt_cuda(), "torch_cuda": torch.version.cuda,
+            "gpu": str(props.name), "compute_capability": f"{props.major}.{props.minor}",
+            "driver": driver_versions()[0]}
 
 
 def _trt_release(version: str) -> tuple[str, ...]:
@@ -145,6 +162,16 @@ def check_engine_env(sidecar: dict[str, Any], here: dict[str, Any], *, engine: P
 # ---------------------------------------------------------------------------------------------- runner
 
 
+def profile_slices(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
+    """How ``n`` samples run on an engine whose profile accepts ``min_batch..max_batch``: ``(start, stop, size)``
+    per call, slices of at most ``max_batch``; a slice shorter than ``min_batch`` (the last one, or all of a
+    small set) runs padded to ``size = min_batch`` and its extra outputs are dropped."""
+    if not 1 <= min_batch <= max_batch:
+        raise UsageError(f"engine profile {min_batch}..{max_batch} is not a batch range")
+    return [(start, min(start + max_batch, n), max(min(max_batch, n - start), min_batch))
+            for start in range(0, n, max_batch)]
+
+
 def _torch_dtype(trt: Any, trt_dtype: Any) -> Any:
     """torch dtype of a TensorRT tensor, through numpy (``trt.nptype``) rather than a hand-kept table."""
     import numpy as np
@@ -159,6 +186,8 @@ class TrtRunner(Runner):
 
     kind = "engine"
     runtime_modules = ("tensorrt", "torch")
+    min_batch: int  # the engine's profile (a fixed batch: both the same)
+    max_batch: int
 
     def __init__(self, path: Path | None = None, *, device: str = "gpu", threads: int | None = None,
                  plan: bytes | None = None, sidecar: dict[str, Any] | None = None) -> None:
@@ -252,17 +281,19 @@ class TrtRunner(Runner):
         if batch.shape[1:] != self.sample_shape:
             raise UsageError(f"engine expects samples of shape {self.sample_shape}, got {tuple(batch.shape[1:])}")
         results = []
-        # Batches larger than the profile's maximum run in slices, so accuracy code can use any batch size.
-        for start in range(0, len(batch), self.max_batch):
-            part = batch[start:start + self.max_batch]
-            self._check_batch(len(part))
+        # Any batch size runs: slices of at most the profile's maximum, a short one padded to its minimum
+        # (with copies of its last sample) and trimmed, so accuracy code need not know the profile.
+        for start, stop, size in profile_slices(len(batch), self.min_batch, self.max_batch):
+            part = np.ascontiguousarray(batch[start:stop])
+            if size > len(part):
+                part = np.concatenate([part, np.repeat(part[-1:], size - len(part), axis=0)])
             with torch.cuda.stream(self.stream):
                 x = torch.from_numpy(np.ascontiguousarray(part)).to(self.torch_device, non_blocking=False)
                 x = x.to(self.input_dtype)
                 out = self._bind(x)
                 self._enqueue()
                 host = out.float().cpu()  # waits on this stream
-            results.append(host.numpy())
+            results.append(host.numpy()[:stop - start])
         self.memory.sample()
         return np.concatenate(results) if len(results) > 1 else results[0]
 

@@ -21,7 +21,8 @@ class TorchRunner(Runner):
         import torch
 
         from resopt.artifacts import checkpoint_preprocess
-        from resopt.train import load_model, resolve_device
+        from resopt.backends.cuda import resolve_device
+        from resopt.models import load_model
 
         if model is None:
             model, checkpoint = load_model(path)

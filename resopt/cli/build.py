@@ -23,7 +23,8 @@ def build_cmd(
                                                    "calibrator (train split, class-balanced).")] = None,
     calib_cache: Annotated[Path | None, typer.Option("--calib-cache", help="Calibration cache to reuse/write "
                                                      "[default: OUTPUT with .calib.cache].")] = None,
-    calib_batch: Annotated[int, typer.Option("--calib-batch", help="Calibration batch size.")] = 32,
+    calib_batch: Annotated[int | None, typer.Option("--calib-batch", help="Calibration batch size [default: 32, "
+                                                   "or the ONNX's fixed batch].")] = None,
     num_calib: Annotated[int | None, typer.Option("--num-calib", help="Calibration images, class-balanced "
                                                   "[default: the whole set].")] = None,
     sparsity: Annotated[bool, typer.Option("--sparsity", help="Let TensorRT use 2:4 sparse kernels (compute "

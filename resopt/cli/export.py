@@ -56,6 +56,6 @@ def _render(d: dict[str, Any]) -> Any:
         ("verified on", f"{v['images']} images of {v['data']} (batches of {', '.join(map(str, v['batch_sizes']))})"),
         ("max |ORT - PyTorch|", f"{v['max_abs_diff']:.3g} (allowed {v['allowed_abs_diff']:.3g})"),
         ("mean |ORT - PyTorch|", f"{v['mean_abs_diff']:.3g}"),
-        ("top-1 agreement", f"{100 * v['top1_agreement']:.1f}%"),
+        ("top-1 agreement", f"{v['top1_agreement']:.1f}%"),
         ("time", f"{d['seconds']:.1f}s"),
     ])

@@ -76,7 +76,7 @@ def _render(d: dict[str, Any]) -> Any:
         rows.append(("opset", f"{d['opset_from']} -> {d['opset_to']}"))
         rows.append(("batch", f"{d['fixed_batch']} -> dynamic" if d["fixed_batch"] is not None else "dynamic"))
         rows.append(("checked", f"{v['images']} images: max |imported - source| {v['max_abs_diff']:.3g}, "
-                                f"top-1 agreement {100 * v['top1_agreement']:.1f}%"))
+                                f"top-1 agreement {v['top1_agreement']:.1f}%"))
     m = d["metrics"]
     if "top1" in m:
         rows.append(("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}% on {m['eval_images']} test images"))

@@ -43,6 +43,8 @@ def _fmt(key: str, value: Any) -> str:
         return str(value)
     if isinstance(value, int) and key in ("params", "nonzero_params", "macs"):
         return human_count(value)
+    if key in ("top1_agreement", "agreement") and isinstance(value, (int, float)):
+        return f"{value:.4g}%"  # percent of top-1 predictions shared with the parent (resopt.verify)
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, str) and ("/" in value or "\\" in value):

@@ -185,8 +185,9 @@ def import_model(source: Path, output: Path | None, cfg: ImportConfig) -> Import
 
 
 def evaluate_torch(model: nn.Module, cfg: ImportConfig, pre: Preprocess, classes: list[str]) -> dict[str, Any]:
+    from resopt.backends.cuda import resolve_device
     from resopt.data import check_classes, classes_of, load_eval_set, make_loader
-    from resopt.train import evaluate, resolve_device
+    from resopt.train import evaluate
 
     assert cfg.data is not None
     ds = load_eval_set(cfg.data, pre, split="test", per_class=cfg.limit_per_class)

@@ -16,6 +16,7 @@ from typing import Any
 from resopt.console import log
 from resopt.errors import InputFileError, UsageError, VerificationError
 from resopt.importer import ImportConfig, ImportResult, check_not_chance, default_preprocess, resolve_classes
+from resopt.verify import parity_of
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute)
 UPGRADE_OPSET = 17
@@ -195,17 +196,16 @@ def import_onnx(source: Path, output: Path, cfg: ImportConfig) -> ImportResult:
         raise VerificationError(f"{source}: the imported graph does not run at batch {len(images)} "
                                 f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); it may hard-code its "
                                 f"batch size beyond the input and Reshape shapes") from None
-    max_diff = float(np.abs(batched - reference).max())
-    allowed = cfg.tolerance * max(1.0, float(np.abs(reference).max()))
-    agree = float((batched.argmax(1) == reference.argmax(1)).mean())
+    parity = parity_of(reference, batched, source=images_from)
+    allowed = cfg.tolerance * parity.logit_scale
     single_diff = float(np.abs(single - batched[:1]).max())
-    log(f"checked on {len(images)} images of {images_from}: max |imported - source| {max_diff:.3g} "
-        f"(allowed {allowed:.3g}), top-1 agreement {100 * agree:.1f}%, batch 1 vs batch {len(images)} "
+    log(f"checked on {len(images)} images of {images_from}: max |imported - source| {parity.max_abs_diff:.3g} "
+        f"(allowed {allowed:.3g}), top-1 agreement {parity.top1_agreement:.1f}%, batch 1 vs batch {len(images)} "
         f"{single_diff:.3g}")
-    if max_diff > allowed or single_diff > allowed:
-        worst = max(max_diff, single_diff)
-        raise VerificationError(f"{source}: the imported graph differs from the source by {worst:.3g} "
-                                f"(allowed {allowed:.3g}) on {len(images)} images")
+    parity = parity.check(what=f"{source.name}: the imported graph", against="the source", allowed_abs_diff=allowed)
+    if not single_diff <= allowed:
+        raise VerificationError(f"{source}: the imported graph gives another answer at batch 1 than at batch "
+                                f"{len(images)}: differs by {single_diff:.3g} (allowed {allowed:.3g})")
     metrics: dict[str, Any] = {}
     if cfg.data is not None:
         metrics.update(_evaluate(sess, inp.name, cfg, pre, classes))
@@ -213,9 +213,7 @@ def import_onnx(source: Path, output: Path, cfg: ImportConfig) -> ImportResult:
         check_not_chance(metrics["top1"], len(classes), source)
     details = {"opset_from": opset_from, "opset_to": opset_to, "fixed_batch": fixed_batch,
                "reshapes_freed": freed, "input_name": inp.name,
-               "verification": {"images": len(images), "data": images_from, "max_abs_diff": max_diff,
-                                "allowed_abs_diff": allowed, "top1_agreement": agree,
-                                "batch1_vs_batchN_max_abs_diff": single_diff}}
+               "verification": {**parity.metrics(), "batch1_vs_batchN_max_abs_diff": single_diff}}
     mapping = {"opset": f"{opset_from} -> {opset_to}",
                "batch": f"{fixed_batch} -> dynamic" if fixed_batch is not None else "dynamic (unchanged)",
                "reshapes_freed": freed}

@@ -172,8 +172,8 @@ def infer_arch(sd: dict[str, torch.Tensor], forced: str | None, source: str) -> 
     width = stem_out / base
     option_a = False
     if spec.family == "cifar-resnet":
-        n = (int(forced.replace("resnet", "")) - 2) // 6
-        with_projection = 1 + 2 * 3 * n + 2
+        per_stage_blocks = (int(forced.replace("resnet", "")) - 2) // 6
+        with_projection = 1 + 2 * 3 * per_stage_blocks + 2
         if len(convs) == with_projection - 2:
             option_a = True
         elif len(convs) != with_projection:
@@ -249,14 +249,14 @@ def map_state_dict(source_sd: dict[str, torch.Tensor], target_sd: dict[str, torc
     for s in srcs:
         if s in taken:
             continue
-        t = canon_targets.get(canonical(renamed[s]))
-        if t is None or t in mapping.pairs and t not in claimed:
+        alias = canon_targets.get(canonical(renamed[s]))
+        if alias is None or alias in mapping.pairs and alias not in claimed:
             continue
-        if t in claimed:
-            raise InputFileError(f"{source}: keys {claimed[t]} and {s} both map to {t}; the mapping is ambiguous",
-                                 hint="pass --rename OLD=NEW to say which is which")
-        claimed[t] = s
-        assign(t, s, "alias")
+        if alias in claimed:
+            raise InputFileError(f"{source}: keys {claimed[alias]} and {s} both map to {alias}; the mapping is "
+                                 f"ambiguous", hint="pass --rename OLD=NEW to say which is which")
+        claimed[alias] = s
+        assign(alias, s, "alias")
     rest_s = [s for s in srcs if s not in taken]
     rest_t = [t for t in targets if t not in mapping.pairs]
     for s, t in zip(rest_s, rest_t, strict=False):

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from resopt.errors import InputFileError, MissingDependencyError, UsageError, choice_error
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from torch import nn
 
 
@@ -171,8 +173,10 @@ def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> nn.Module:
             raise InputFileError(f"checkpoint records a layer {name!r} that architecture has no place for")
         new: nn.Module | None = None
         if isinstance(m, nn.Conv2d) and [m.in_channels, m.out_channels, m.groups] != shape:
-            new = nn.Conv2d(shape[0], shape[1], m.kernel_size, m.stride, m.padding, m.dilation,
-                            groups=shape[2], bias=m.bias is not None, padding_mode=m.padding_mode)
+            geometry: dict[str, Any] = {"kernel_size": m.kernel_size, "stride": m.stride, "padding": m.padding,
+                                        "dilation": m.dilation}
+            new = nn.Conv2d(shape[0], shape[1], groups=shape[2], bias=m.bias is not None,
+                            padding_mode=m.padding_mode, **geometry)
         elif isinstance(m, nn.Linear) and [m.in_features, m.out_features] != shape:
             new = nn.Linear(shape[0], shape[1], bias=m.bias is not None)
         elif isinstance(m, nn.BatchNorm2d) and [m.num_features] != shape:
@@ -197,6 +201,17 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
         raise InputFileError(f"checkpoint weights do not fit architecture {ckpt['arch']}: {' '.join(first)[:200]}") \
             from None
     return model.eval()
+
+
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``.pt`` checkpoint's model (eval mode, CPU) and the checkpoint dict."""
+    from resopt.artifacts import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    try:
+        return model_from_checkpoint(ckpt), ckpt
+    except KeyError as e:
+        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

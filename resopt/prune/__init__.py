@@ -81,6 +81,7 @@ class PruneConfig:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
+        value: object  # the option values checked below have different types
         if self.layer_ratios is not None:
             for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
                                 ("--global", self.global_ or None)):
@@ -172,7 +173,7 @@ class PruneResult:
 
 def _load_parent(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     from resopt.artifacts import require_kind
-    from resopt.train import load_model
+    from resopt.models import load_model
 
     require_kind(Path(path), "pt", hint="prune the .pt checkpoint, then export the pruned one: "
                                         "resopt prune MODEL.pt -o small.pt && resopt export small.pt")
@@ -237,7 +238,7 @@ def prune_checkpoint(
 
     from resopt.artifacts import atomic_output, check_output_path, checkpoint_preprocess, lineage_entry, make_checkpoint
     from resopt.data import stack_images
-    from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, top1_of
+    from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, model_top1
     from resopt.models import model_from_checkpoint, model_widths
     from resopt.prune.sensitivity import conv_out_channels
     from resopt.train import fit
@@ -264,7 +265,7 @@ def prune_checkpoint(
         loss_fn = kd_loss_fn(teacher, dcfg, label_smoothing=ft_cfg.label_smoothing)
 
     def top1(m: nn.Module) -> float:
-        return top1_of(m, prepared.eval, ft_cfg)
+        return model_top1(m, prepared.eval, ft_cfg)
 
     def fine_tune(description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         if cfg.finetune_epochs < 1:

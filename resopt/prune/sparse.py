@@ -25,7 +25,7 @@ class SkippedLayer:
     reason: str
 
 
-def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+def sparse_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d | nn.Linear]]:
     """The conv and linear layers whose weights weight-level pruning may zero (all of them)."""
     from torch import nn
 
@@ -82,11 +82,12 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return rows.reshape(like.shape)
 
 
-def nm_eligible(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[SkippedLayer]]:
+def nm_eligible(model: nn.Module) -> tuple[list[tuple[str, nn.Conv2d | nn.Linear]], list[SkippedLayer]]:
     """Layers 2:4 can apply to (input channels per group a multiple of 4) and the skipped ones, with why."""
     from torch import nn
 
-    eligible, skipped = [], []
+    eligible: list[tuple[str, nn.Conv2d | nn.Linear]] = []
+    skipped: list[SkippedLayer] = []
     for name, m in sparse_layers(model):
         if isinstance(m, nn.Conv2d):
             per_group = m.in_channels // m.groups

@@ -146,10 +146,10 @@ def search_ratio(model: nn.Module, plan: StructuredPlan, groups: list[ChannelGro
 
     # MACs fall with the ratio, except near the top in global mode, where a group that would lose every
     # channel is left whole: step down until a ratio reaches the target, then bisect below it.
-    lo, fewest = 0.0, None
+    lo, fewest = 0.0, macs_at(MAX_RATIO)
     for hi in (MAX_RATIO, 0.9, 0.8, 0.7, 0.6):
-        macs_hi = macs_at(hi)
-        fewest = macs_hi if fewest is None else min(fewest, macs_hi)
+        macs_hi = fewest if hi == MAX_RATIO else macs_at(hi)
+        fewest = min(fewest, macs_hi)
         if macs_hi <= target_macs:
             break
     else:

@@ -35,9 +35,8 @@ from resopt.artifacts import (
     save_onnx,
     stamp_onnx,
 )
-from resopt.console import log, progress, warn
-from resopt.errors import DataError, InputFileError, UsageError, VerificationError, choice_error
-from resopt.metrics import TopK
+from resopt.console import log, warn
+from resopt.errors import InputFileError, UsageError, VerificationError, choice_error
 from resopt.quantize.ort import CALIB_METHODS, TARGETS
 
 if TYPE_CHECKING:
@@ -171,45 +170,6 @@ class QuantizeResult:
 
 
 Batches = Iterable[tuple["np.ndarray", "np.ndarray"]]
-
-
-@dataclass
-class Comparison:
-    """Parent vs result on the same images."""
-
-    parent: TopK
-    result: TopK
-    agree: int = 0
-
-    @property
-    def images(self) -> int:
-        return self.parent.n
-
-    @property
-    def agreement(self) -> float:
-        return round(100.0 * self.agree / max(1, self.parent.n), 3)
-
-
-def compare_outputs(parent: Callable[[np.ndarray], np.ndarray], result: Callable[[np.ndarray], np.ndarray],
-                    batches: Batches, *, total: int | None = None, description: str = "verify") -> Comparison:
-    """Run both models (batch -> logits) over ``batches``: top-1/top-5 of each and their top-1 agreement."""
-    cmp = Comparison(TopK(), TopK())
-    with progress(description, total=total) as bar:
-        for x, y in batches:
-            lp, lr = parent(x), result(x)
-            cmp.parent.update(lp, y)
-            cmp.result.update(lr, y)
-            cmp.agree += int((lp.argmax(1) == lr.argmax(1)).sum())
-            bar.advance(1)
-    return cmp
-
-
-def ort_infer(path: Path) -> Callable[[np.ndarray], np.ndarray]:
-    from resopt.backends.ort_backend import make_session
-
-    sess = make_session(path)
-    name = sess.get_inputs()[0].name
-    return lambda x: sess.run(None, {name: x})[0]
 
 
 class EvalImages:
@@ -463,7 +423,7 @@ def _produce(src: _Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: Eval
     elif cfg.mode == "int8-dynamic":
         q.dynamic_int8(prepped, out, per_channel=cfg.per_channel, reduce_range=reduce_range, exclude=cfg.exclude)
     elif cfg.mode == "fp16":
-        q.float16(prepped, out, exclude=cfg.exclude)
+        produced.extra["fp16_conversion"] = q.float16(prepped, out, exclude=cfg.exclude).to_dict()
     elif cfg.mode == "kmeans":
         from resopt.quantize.kmeans import cluster_weights
 
@@ -533,17 +493,14 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
         assert cs is not None
         bs = calib_batch_size(src.pre)
         batches, total, on = calib_batches(cs, src.pre, batch_size=bs), (len(cs) + bs - 1) // bs, "calibration"
-    reference = produced.reference or ort_infer(src.onnx)
-    cmp = compare_outputs(reference, ort_infer(produced.path), batches, total=total,
-                          description=f"verify on {on} images")
-    if cmp.images == 0:
-        raise DataError(f"no {on} images to verify the quantized model on")
-    floor = cfg.agreement_floor()
-    if cmp.agreement < floor:
-        raise VerificationError(
-            f"{cfg.mode} result agrees with its {produced.reference_name} on only {cmp.agreement:.2f}% of "
-            f"{cmp.images} {on} images (minimum {floor:g}%)",
-            hint=_agreement_hint(cfg))
+    from resopt.backends.ort_backend import onnx_predict
+    from resopt.verify import compare
+
+    reference = produced.reference or onnx_predict(src.onnx)
+    cmp = compare(reference, onnx_predict(produced.path), batches, total=total, description=f"verify on {on} images",
+                  source=str(cfg.data) if evals is not None else "the calibration set")
+    cmp.check(what=f"the {cfg.mode} result", against=f"its {produced.reference_name}",
+              min_agreement=cfg.agreement_floor(), hint=_agreement_hint(cfg))
 
     lint: QdqLint | None = None
     if cfg.mode in ("int8", "qat", "int8-dynamic") or (cfg.mode == "fixed" and cfg.act_bits):
@@ -562,12 +519,12 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
     labelled = evals is not None
     ref_is_parent = produced.reference is None
     parent_file = str(src.given) if src.given == src.onnx else f"{src.given} (as FP32 ONNX)"
-    parent_acc = (_acc(cmp.parent) if ref_is_parent else produced.parent_acc) if labelled else None
+    parent_acc = ((cmp.parent_top1, cmp.parent_top5) if ref_is_parent else produced.parent_acc) if labelled else None
     parent_score = ModelScore(parent_file, src.onnx.stat().st_size, *(parent_acc or (None, None)))
-    metrics: dict[str, Any] = {"agreement": cmp.agreement, "agreement_images": cmp.images, "agreement_on": on,
+    metrics: dict[str, Any] = {"agreement": cmp.top1_agreement, "agreement_images": cmp.images, "agreement_on": on,
                                "parent_size_bytes": parent_score.size_bytes, **produced.metrics}
     if labelled:
-        metrics.update({"top1": round(cmp.result.top1, 3), "top5": round(cmp.result.top5, 3),
+        metrics.update({"top1": cmp.top1, "top5": cmp.top5,
                         "eval_images": cmp.images, "data": cfg.data})
         if parent_acc is not None:
             metrics.update({"parent_top1": parent_acc[0], "parent_top5": parent_acc[1]})
@@ -576,18 +533,14 @@ def _verify_and_write(src: _Source, output: Path, cfg: QuantizeConfig, cs: Calib
     options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options}
     _write(produced.path, output, src.meta, parent=lineage_parent or src.given, options=options, metrics=metrics,
            quantization={"mode": cfg.mode, **produced.settings})
-    result_score = ModelScore(str(output), output.stat().st_size, *(_acc(cmp.result) if labelled else (None, None)))
+    result_score = ModelScore(str(output), output.stat().st_size, *((cmp.top1, cmp.top5) if labelled else (None, None)))
     return QuantizeResult(output=output, mode=cfg.mode, settings=produced.settings, parent=parent_score,
-                          result=result_score, agreement=cmp.agreement, agreement_images=cmp.images,
+                          result=result_score, agreement=cmp.top1_agreement, agreement_images=cmp.images,
                           agreement_on=on,
                           calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
                           excluded=produced.excluded, lint=lint.summary() if lint is not None else None,
                           seconds=time.perf_counter() - t0,
                           extra={**produced.extra, "agreement_with": produced.reference_name, **runtime_int8})
-
-
-def _acc(t: TopK) -> tuple[float, float]:
-    return round(t.top1, 3), round(t.top5, 3)
 
 
 def _write(src: Path, output: Path, parent_meta: dict[str, Any], *, parent: Path, options: dict[str, Any],

@@ -101,7 +101,7 @@ def fixed_point(src: Path, dst: Path, *, bits: int, act_bits: int | None = None,
             f["weight"] = done_weights[w_name]
         x = node.input[0] if node.op_type != "MatMul" or w_name == node.input[1] else ""
         lo_hi = ranges.minmax(x) if act_bits is not None and ranges is not None and x and x not in init else None
-        if lo_hi is not None:
+        if lo_hi is not None and act_bits is not None:
             if x not in done_acts:
                 lo, hi = lo_hi
                 fmt = fixed_format(max(abs(lo), abs(hi)), act_bits, signed=lo < 0)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from resopt.console import log, progress
 from resopt.errors import AccuracyGateError
-from resopt.metrics import TopK
 
 if TYPE_CHECKING:
     import numpy as np
@@ -97,25 +96,17 @@ def layer_sensitivity(build: Build, layers: list[str], fp32: Path, images: np.nd
     return sorted(scores, key=lambda kv: kv[1])
 
 
-def top1_of(model: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> float:
-    from resopt.backends.ort_backend import make_session
-
-    sess = make_session(model)
-    name = sess.get_inputs()[0].name
-    acc = TopK()
-    for x, y in batches:
-        acc.update(sess.run(None, {name: x})[0], y)
-    return acc.top1
-
-
 def run_guard(build: Build, *, fp32: Path, layers: list[str], base_exclude: tuple[str, ...], max_drop: float,
               max_exclude: int | None, eval_batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
               calib_images: np.ndarray, workdir: Path, output: Path) -> GuardResult:
     """Quantize with ``base_exclude``; if top-1 drops more than ``max_drop`` points, keep the most sensitive
     of ``layers`` in FP32 step by step. On success the chosen model is at ``output``."""
-    parent_top1 = top1_of(fp32, eval_batches())
+    from resopt.backends.ort_backend import onnx_predict
+    from resopt.verify import top1_of
+
+    parent_top1 = top1_of(onnx_predict(fp32), eval_batches())
     build(output, exclude=base_exclude)
-    top1 = top1_of(output, eval_batches())
+    top1 = top1_of(onnx_predict(output), eval_batches())
     steps = [GuardStep(base_exclude, top1, parent_top1 - top1)]
     log(f"accuracy guard: FP32 top-1 {parent_top1:.2f}%, INT8 {top1:.2f}% (drop {parent_top1 - top1:.2f}, "
         f"allowed {max_drop:g})")
@@ -128,7 +119,7 @@ def run_guard(build: Build, *, fp32: Path, layers: list[str], base_exclude: tupl
     for k in exclusion_steps(bound):
         exclude = base_exclude + tuple(n for n, _ in ranking[:k])
         build(trial, exclude=exclude)
-        top1 = top1_of(trial, eval_batches())
+        top1 = top1_of(onnx_predict(trial), eval_batches())
         steps.append(GuardStep(exclude, top1, parent_top1 - top1))
         log(f"accuracy guard: {k} layer(s) in FP32 -> top-1 {top1:.2f}% (drop {parent_top1 - top1:.2f})")
         if steps[-1].drop <= max_drop:

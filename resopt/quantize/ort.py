@@ -30,6 +30,7 @@ from resopt.errors import InputFileError
 if TYPE_CHECKING:
     from resopt.artifacts import Preprocess
     from resopt.calib import CalibSet
+    from resopt.fp16 import Fp16Conversion
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
 TARGETS = ("cpu", "trt")
@@ -187,12 +188,14 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, reduce_range
                          weight_type=QuantType.QUInt8, nodes_to_exclude=list(exclude) or None)
 
 
-def float16(src: Path, dst: Path, *, exclude: tuple[str, ...] = ()) -> None:
-    """FP16 weights and compute with float32 inputs and outputs, so callers feed the same arrays."""
+def float16(src: Path, dst: Path, *, exclude: tuple[str, ...] = ()) -> Fp16Conversion:
+    """FP16 weights and compute with float32 inputs and outputs, so callers feed the same arrays; the
+    numerically sensitive ops stay FP32 exactly as in ``build --fp16`` (``resopt.fp16``)."""
     import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    from resopt.fp16 import convert_onnx_fp16
 
     with quiet_ort():
-        model = convert_float_to_float16(onnx.load(str(src)), keep_io_types=True,
-                                         node_block_list=list(exclude) or None)
+        model, conversion = convert_onnx_fp16(onnx.load(str(src)), exclude_nodes=exclude)
     onnx.save(model, str(dst))
+    return conversion

@@ -48,6 +48,11 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
     class ActFakeQuant(nn.Module):
         """Per-tensor activation fake quantization with min/max observation, then frozen ranges."""
 
+        lo: torch.Tensor  # buffers (register_buffer): typed here for the checker
+        hi: torch.Tensor
+        scale: torch.Tensor
+        zero_point: torch.Tensor
+
         def __init__(self, symmetric: bool) -> None:
             super().__init__()
             self.symmetric = symmetric
@@ -117,9 +122,11 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
             w, b = self.conv.weight, self.conv.bias
             if self.bn is None:
                 return w, b
-            scale = self.bn.weight / torch.sqrt(self.bn.running_var + self.bn.eps)
-            b0 = b if b is not None else torch.zeros_like(self.bn.running_mean)
-            return w * scale.reshape(-1, 1, 1, 1), (b0 - self.bn.running_mean) * scale + self.bn.bias
+            mean, var = self.bn.running_mean, self.bn.running_var
+            assert mean is not None and var is not None, "QAT folds BatchNorm layers that track running stats"
+            scale = self.bn.weight / torch.sqrt(var + self.bn.eps)
+            b0 = b if b is not None else torch.zeros_like(mean)
+            return w * scale.reshape(-1, 1, 1, 1), (b0 - mean) * scale + self.bn.bias
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             w, b = self.folded()
@@ -281,11 +288,13 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
     from resopt import quantize as Q
     from resopt.artifacts import check_output_path, checkpoint_preprocess, make_checkpoint, save_checkpoint
+    from resopt.backends.ort_backend import onnx_predict
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.console import log
+    from resopt.models import load_model
     from resopt.quantize import ort as q
-    from resopt.quantize.guard import top1_of
-    from resopt.train import DataOptions, fit, load_model, prepare_data
+    from resopt.train import DataOptions, fit, prepare_data
+    from resopt.verify import top1_of
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
@@ -313,7 +322,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
             return out
 
         fp32_acc = _topk(src.onnx, evals())
-        top1_ptq = top1_of(int8_of(src.onnx, "ptq"), evals())
+        top1_ptq = top1_of(onnx_predict(int8_of(src.onnx, "ptq")), evals())
         log(f"qat: FP32 top-1 {fp32_acc[0]:.2f}%, PTQ INT8 {top1_ptq:.2f}%")
 
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
@@ -353,9 +362,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
 
 def _topk(model: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
-    from resopt.quantize import ort_infer
+    from resopt.backends.ort_backend import onnx_predict
 
-    return _topk_fn(ort_infer(model), batches)
+    return _topk_fn(onnx_predict(model), batches)
 
 
 def _topk_fn(infer: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
