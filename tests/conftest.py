@@ -145,6 +145,20 @@ class CliResult:
         return json.loads(self.stdout)
 
 
+def run_captured(*args: object) -> tuple[int, str, str]:
+    """``resopt ARGS`` in-process with stdout/stderr captured, for module-scoped fixtures (the ``cli``
+    fixture is per test); returns exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from resopt.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = run([str(a) for a in args])
+    return code, out.getvalue(), err.getvalue()
+
+
 @pytest.fixture
 def cli(capsys: pytest.CaptureFixture[str]):
     """Run ``resopt ARGS...`` in-process; returns exit code, stdout and stderr."""

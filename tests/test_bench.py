@@ -10,19 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_subset, resnet20_counts
-
-
-def _run(*args: object) -> tuple[int, str, str]:
-    """``resopt ARGS`` in-process, for module-scoped fixtures (the ``cli`` fixture is per test)."""
-    import contextlib
-    import io
-
-    from resopt.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
+from conftest import run_captured as _run
 
 
 @pytest.fixture(scope="module")

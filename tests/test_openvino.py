@@ -5,8 +5,6 @@ and the one-line errors."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import sys
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import run_captured as _run
 
 pytest.importorskip("openvino")
 
@@ -24,15 +23,6 @@ from resopt.backends.openvino_backend import (  # noqa: E402
     precision_summary,
     resolve_precision,
 )
-
-
-def _run(*args: object) -> tuple[int, str, str]:
-    from resopt.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

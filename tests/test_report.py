@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_subset
+from conftest import run_captured as _run
 
 from resopt.artifacts import sha256_file
 
@@ -20,17 +21,6 @@ CHAIN = ["r20.pt", "r20.onnx", "r20.p50.pt", "r20.p50.onnx", "r20.p50.int8.onnx"
 BENCHED = ["r20.pt", "r20.onnx", "r20.p50.onnx", "r20.p50.int8.onnx"]  # r20.p50.pt left out on purpose
 
 
-def _run(*args: object) -> tuple[int, str, str]:
-    """``resopt ARGS`` in-process, for module-scoped fixtures (the ``cli`` fixture is per test)."""
-    import contextlib
-    import io
-
-    from resopt.cli import run
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = run([str(a) for a in args])
-    return code, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")
