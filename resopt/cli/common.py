@@ -76,7 +76,11 @@ def default_output(model: Path, suffix: str) -> Path:
     return model.with_name(model.name[: -len(model.suffix)] + suffix)
 
 
-# Trainer options shared by the commands that train (distill; prune's fine-tuning): same names, same help.
+# Trainer options shared by the commands that train (train, distill; prune's fine-tuning): same names, same help.
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Training epochs.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 0.1*batch/128 SGD, 1e-3 AdamW].",
+                                             show_default=False)]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")]
 BatchSizeOpt = Annotated[int, typer.Option("--batch-size", "-b", help="Batch size (per process under torchrun).")]
 OptimizerOpt = Annotated[str, typer.Option("--optimizer", help="sgd (momentum, Nesterov) or adamw.")]
 MomentumOpt = Annotated[float, typer.Option("--momentum", help="SGD momentum.")]

@@ -13,12 +13,15 @@ from resopt.cli.common import (
     ChannelsLastOpt,
     DataOpt,
     DeviceOpt,
+    EpochsOpt,
     JsonOpt,
     LabelSmoothingOpt,
     LimitOpt,
+    LrOpt,
     MomentumOpt,
     NesterovOpt,
     OptimizerOpt,
+    ResumeOpt,
     SeedOpt,
     ValSplitOpt,
     WarmupOpt,
@@ -45,9 +48,8 @@ def distill_cmd(
                                                "term.")] = 4.0,
     width: Annotated[float, typer.Option("--width", help="Channel width multiplier of a student built from an "
                                          "architecture name.")] = 1.0,
-    epochs: Annotated[int, typer.Option("--epochs", help="Training epochs.")] = 30,
-    lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate [default: 0.1*batch/128 SGD, "
-                                             "1e-3 AdamW].", show_default=False)] = None,
+    epochs: EpochsOpt = 30,
+    lr: LrOpt = None,
     limit_per_class: LimitOpt = None,
     val_split: ValSplitOpt = None,
     batch_size: BatchSizeOpt = 128,
@@ -62,8 +64,7 @@ def distill_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run of the same command.")]
-    = False,
+    resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Distil a teacher into a student: loss = alpha*CE + (1-alpha)*T^2*KL(teacher_T || student_T).
