@@ -86,21 +86,16 @@ def parse_pt_variants(text: str | tuple[str, ...] | list[str] | None) -> tuple[s
     """``"fp32,fp16"`` -> ``("fp32", "fp16")``; None stays None (the device's default)."""
     if text is None:
         return None
-    items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
-    for item in items:
-        if item not in PT_VARIANTS:
-            raise UsageError(f"unknown .pt variant {item!r}; choose one or more of: {', '.join(PT_VARIANTS)}")
-    if not items:
-        raise UsageError(f"--pt-variants is empty; choose one or more of: {', '.join(PT_VARIANTS)}")
-    return tuple(dict.fromkeys(items))
+    return parse_choices("--pt-variants", text, tuple(PT_VARIANTS), what=".pt variant")
 
 
-def parse_choices(option: str, text: str | tuple[str, ...] | list[str], allowed: tuple[str, ...]) -> tuple[str, ...]:
-    """``"ort,openvino"`` -> ``("ort", "openvino")``, each checked against ``allowed``."""
+def parse_choices(option: str, text: str | tuple[str, ...] | list[str], allowed: tuple[str, ...], *,
+                  what: str = "value") -> tuple[str, ...]:
+    """``"ort,openvino"`` -> ``("ort", "openvino")``, each checked against ``allowed``, duplicates dropped."""
     items = [t.strip() for t in (text.split(",") if isinstance(text, str) else text) if t.strip()]
     for item in items:
         if item not in allowed:
-            raise UsageError(f"{option}: unknown value {item!r}; choose one or more of: {', '.join(allowed)}")
+            raise UsageError(f"{option}: unknown {what} {item!r}; choose one or more of: {', '.join(allowed)}")
     if not items:
         raise UsageError(f"{option} is empty; choose one or more of: {', '.join(allowed)}")
     return tuple(dict.fromkeys(items))

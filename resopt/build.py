@@ -133,22 +133,19 @@ class InputSpec:
 
 def onnx_input_spec(model: Any, path: Path | str = "model") -> InputSpec:
     """The single image input of a classifier ONNX: its name, batch axis and (C, H, W)."""
-    initializers = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in initializers]
-    if len(inputs) != 1 or len(model.graph.output) != 1:
-        raise InputFileError(f"{path} has {len(inputs)} inputs and {len(model.graph.output)} outputs; resopt builds "
-                             f"single-input, single-output classifiers")
-    dims = inputs[0].type.tensor_type.shape.dim
-    if len(dims) != 4:
-        raise InputFileError(f"{path} input {inputs[0].name!r} has rank {len(dims)}; expected NCHW images")
+    from resopt.onnx_utils import check_single_output, image_input
+
+    inp = image_input(model, path)
+    check_single_output(model, path)
+    dims = inp.type.tensor_type.shape.dim
     sample = []
     for d in dims[1:]:
         if not d.HasField("dim_value"):
-            raise InputFileError(f"{path} input {inputs[0].name!r} has a dynamic C/H/W dimension "
+            raise InputFileError(f"{path} input {inp.name!r} has a dynamic C/H/W dimension "
                                  f"({d.dim_param or '?'}); only the batch axis may be dynamic")
         sample.append(int(d.dim_value))
     batch = int(dims[0].dim_value) if dims[0].HasField("dim_value") else None
-    return InputSpec(inputs[0].name, batch, tuple(sample))
+    return InputSpec(inp.name, batch, tuple(sample))
 
 
 def onnx_quantization(model: Any, path: Path | str = "model") -> str:

@@ -139,9 +139,10 @@ class OpenVinoRunner(Runner):
             self.input_size = self.preprocess.input_size
         else:  # an ONNX made elsewhere, timed only: the graph's own input size (bench checked it is square)
             from resopt.artifacts import load_onnx
+            from resopt.onnx_utils import image_input
 
             self.preprocess = None
-            dims = load_onnx(path, load_weights=False).graph.input[0].type.tensor_type.shape.dim
+            dims = image_input(load_onnx(path, load_weights=False), path).type.tensor_type.shape.dim
             self.input_size = int(dims[2].dim_value)
         self.threads = threads
         self.core = ov.Core()

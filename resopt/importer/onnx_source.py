@@ -31,16 +31,13 @@ def graph_input(model: Any, path: Path) -> Any:
     """The one real input (initializers listed as inputs by old exporters are not inputs)."""
     import onnx
 
-    inits = {i.name for i in model.graph.initializer}
-    inputs = [i for i in model.graph.input if i.name not in inits]
-    if len(inputs) != 1:
-        raise InputFileError(f"{path} has {len(inputs)} inputs ({', '.join(i.name for i in inputs)}); an image "
-                             f"classifier takes one NCHW image tensor")
-    inp = inputs[0]
+    from resopt.onnx_utils import image_input
+
+    inp = image_input(model, path)
     dims = _dims(inp)
-    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT or len(dims) != 4:
-        raise InputFileError(f"{path}: input {inp.name} is {len(dims)}-D of element type "
-                             f"{inp.type.tensor_type.elem_type}; expected a float32 NCHW tensor")
+    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+        raise InputFileError(f"{path}: input {inp.name} has element type {inp.type.tensor_type.elem_type}; "
+                             f"expected a float32 NCHW tensor")
     if isinstance(dims[1], int) and dims[1] not in (1, 3):
         raise InputFileError(f"{path}: input {inp.name} has shape {dims}; expected NCHW with 3 (or 1) channels "
                              f"in dimension 1")
