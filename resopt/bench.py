@@ -722,6 +722,8 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
         for w in workers:
             w.stop()
 
+    # One file can be several rows (runtimes, precisions, .pt variants): hash each file once.
+    hashes = {p.path: sha256_file(p.path) for p in planned}
     models = []
     for i, p in enumerate(planned):
         batches = tuple(
@@ -733,7 +735,7 @@ def bench_models(paths: list[Path], cfg: BenchConfig) -> BenchReport:
             file_bytes=p.path.stat().st_size, params=p.stats.params, nonzero_params=p.stats.nonzero_params,
             macs=p.stats.macs, input_size=int(ready[i]["input_size"]), batches=batches, accuracy=accuracy[i],
             load_seconds=float(ready[i]["load_seconds"]), variant=p.variant, runtime=p.runtime,
-            sha256=sha256_file(p.path), details=ready[i].get("details") or {}))
+            sha256=hashes[p.path], details=ready[i].get("details") or {}))
     host = host_info(cfg.device)
     host["load_average"] = {"before": load_before, "after": host.pop("load_average", None)}
     return BenchReport(config=cfg, models=tuple(with_speedups(models)), host=host)
