@@ -53,6 +53,7 @@ def convert_onnx_fp16(model: Any, *, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP
     # The converter edits the graph it is given; keep the caller's model intact.
     converted = convert_float_to_float16(copy.deepcopy(model), keep_io_types=True, op_block_list=block,
                                          node_block_list=list(exclude_nodes) or None)
+    _toposort(converted)
     kept: dict[str, int] = {}
     fp16_nodes = casts = 0
     for node in converted.graph.node:
@@ -63,3 +64,34 @@ def convert_onnx_fp16(model: Any, *, keep_fp32_ops: Sequence[str] = FP16_KEEP_FP
         else:
             fp16_nodes += 1
     return converted, Fp16Conversion(fp16_nodes, dict(sorted(kept.items())), casts)
+
+
+def _toposort(model: Any) -> None:
+    """Put the graph's nodes in dependency order (stable otherwise), in place.
+
+    The converter appends the casts of the kept-float32 inputs after the nodes that read them;
+    onnxruntime sorts for itself, but ``onnx.checker`` (and so ``resopt info`` and ``report``) refuses
+    such a graph.
+    """
+    nodes = list(model.graph.node)
+    producer = {out: k for k, n in enumerate(nodes) for out in n.output if out}
+    state = [0] * len(nodes)  # 0 new, 1 on the stack, 2 placed
+    order: list[int] = []
+    for start in range(len(nodes)):
+        stack = [(start, iter(nodes[start].input))]
+        while stack:  # depth-first, without recursion: graphs can be thousands of nodes deep
+            k, inputs = stack[-1]
+            if state[k] == 2:
+                stack.pop()
+                continue
+            state[k] = 1
+            dep = next((producer[i] for i in inputs if i in producer and state[producer[i]] == 0), None)
+            if dep is not None:
+                stack.append((dep, iter(nodes[dep].input)))
+                continue
+            stack.pop()
+            state[k] = 2
+            order.append(k)
+    if order != list(range(len(nodes))):
+        model.graph.ClearField("node")
+        model.graph.node.extend(nodes[k] for k in order)
