@@ -382,3 +382,35 @@ def test_lineage_accuracies_are_drawn_hollow() -> None:
     assert tuple(hollow.get_edgecolors()[0][:3]) == pytest.approx(orange)
     assert tuple(filled.get_facecolors()[0][:3]) == pytest.approx(orange)
     assert "from lineage (†)" in [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+
+
+def test_a_second_runtime_is_its_own_row_and_each_tree_gets_its_baseline(chain: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """bench --runtime ort,openvino measures one file twice: two deployment points, not one row that keeps
+    whichever came first. With two --baseline files, each lineage tree is compared with its own."""
+    doc = json.loads(chain["bench"].read_text())
+    row = next(m for m in doc["models"] if m["name"] == "r20.p50.int8.onnx")
+    alt = json.loads(json.dumps(row))
+    alt.update(runtime="openvino", accuracy={"top1": 12.5, "top5": 50.0, "images": 100})
+    for b in alt["batches"]:
+        b["p50_ms"] /= 2
+    doc["models"].append(alt)
+    bench = tmp_path / "bench2.json"
+    bench.write_text(json.dumps(doc))
+    # A second lineage tree: the pruned checkpoint with its history cut to the training step.
+    import torch
+    ckpt = torch.load(chain["runs"] / "r20.p50.pt", map_location="cpu", weights_only=False)
+    ckpt["lineage"] = ckpt["lineage"][:1]
+    torch.save(ckpt, tmp_path / "other.pt")
+    code, out, err = _run("report", chain["runs"], bench, tmp_path / "other.pt", "-o", tmp_path / "r",
+                          "--baseline", chain["runs"] / "r20.onnx", "--baseline", tmp_path / "other.pt", "--json")
+    assert code == 0, err
+    recs = _by_name(json.loads(out))
+    ort, ov = recs["r20.p50.int8.onnx @ ort"], recs["r20.p50.int8.onnx @ openvino"]
+    assert ov["parent_sha256"] == ort["sha256"] and ov["same_file_as"] == ort["sha256"]
+    assert ov["step"] == "bench on openvino" and ov["top1"] == 12.5 and ort["top1"] != 12.5
+    assert ov["latency"][0]["p50_ms"] == pytest.approx(ort["latency"][0]["p50_ms"] / 2)
+    assert ov["vs_root"]["faster"] == pytest.approx(2 * ort["vs_root"]["faster"])
+    assert ort["root_sha256"] == ov["root_sha256"] == recs["r20.onnx"]["sha256"]
+    assert recs["other.pt"]["root_sha256"] == recs["other.pt"]["sha256"] and recs["other.pt"]["parent_sha256"] is None
+    assert "r20.onnx" in recs and "r20.onnx @ ort" not in recs  # one runtime: the plain name

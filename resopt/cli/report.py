@@ -15,9 +15,10 @@ def report_cmd(
                                                       "`resopt bench --json` files.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.md, report.html and "
                                                                 "plots/.")] = Path("report"),
-    baseline: Annotated[Path | None, typer.Option("--baseline", help="The reference row every other is compared "
-                                                  "with [default: each row's root model].",
-                                                  show_default=False)] = None,
+    baseline: Annotated[list[Path] | None, typer.Option(
+        "--baseline", help="The reference row every other is compared with; repeat it to give each lineage "
+                           "tree its own (e.g. one per architecture) [default: each row's root model].",
+        show_default=False)] = None,
     metric: Annotated[str, typer.Option("--metric", help="Accuracy axis: top1 or top5.")] = "top1",
     batch_size: Annotated[int | None, typer.Option("--batch-size", "-b", help="Batch size of the latency "
                                                    "columns compared [default: the smallest measured].",
@@ -44,7 +45,8 @@ def report_cmd(
 
     if output.exists() and not output.is_dir():
         raise UsageError(f"--output {output} is a file; give a folder for report.md, report.html and plots/")
-    cfg = ReportConfig(title=title, metric=metric, device=device, batch_size=batch_size, baseline=baseline)
+    cfg = ReportConfig(title=title, metric=metric, device=device, batch_size=batch_size,
+                       baseline=tuple(baseline or ()))
     report = build_report(inputs, cfg, skip=output)
     written = write_report(report, output)
     for note in report.notes:

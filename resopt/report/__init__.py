@@ -32,7 +32,8 @@ class ReportConfig:
     metric: str = "top1"
     device: str | None = None  # the latency coordinate; None: cpu when measured there, else the first
     batch_size: int | None = None  # None: the smallest batch size measured on that device
-    baseline: Path | None = None  # the row every other is compared with; None: each row's root model
+    # The row every other is compared with; several: one per lineage tree; none: each row's root model.
+    baseline: tuple[Path, ...] = ()
 
     def validate(self) -> None:
         if self.metric not in METRICS:
@@ -58,7 +59,7 @@ class Report:
 
     def to_dict(self) -> dict[str, Any]:
         return {"title": self.config.title, "metric": self.config.metric,
-                "baseline": None if self.config.baseline is None else str(self.config.baseline),
+                "baseline": [str(b) for b in self.config.baseline] or None,
                 "latency_coordinate": {"device": self.device, "batch_size": self.batch_size},
                 "coordinates": [{"device": d, "batch_size": b} for d, b in self.coordinates],
                 "records": [r.to_dict() for r in self.records], "notes": self.notes, "warnings": self.warnings,
@@ -79,15 +80,15 @@ def build_report(inputs: list[Path], cfg: ReportConfig, *, skip: Path | None = N
 
     artifacts, benches = gather_inputs([Path(i) for i in inputs], skip=skip)
     records = join_records(artifacts, benches, warn=_warn)
-    baseline_sha = None
-    if cfg.baseline is not None:
-        base = Path(cfg.baseline)
+    baseline_shas: list[str] = []
+    for base in (Path(b) for b in cfg.baseline):
         if not base.is_file():
             raise UsageError(f"--baseline {base} does not exist")
-        baseline_sha = sha256_file(base)
-        if baseline_sha not in {r.sha256 for r in records}:
+        sha = sha256_file(base)
+        if sha not in {r.sha256 for r in records}:
             records.append(read_record(base))
-    records = link_records(records, baseline=baseline_sha)
+        baseline_shas.append(sha)
+    records = link_records(records, baseline=baseline_shas)
     coords = sorted({(c.device, c.batch_size) for r in records for c in r.latency})
     device, batch_size = _coordinate(coords, cfg)
     compare_to_root(records, metric=cfg.metric, device=device, batch_size=batch_size)

@@ -12,7 +12,7 @@ recorded stays ``None``.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +86,8 @@ class Record:
     depth: int = 0
     pareto: list[str] = field(default_factory=list)  # the plots on whose frontier it lies
     vs_root: dict[str, float | None] = field(default_factory=dict)
+    runtime: str | None = None  # how bench ran it ("ort", "openvino bf16", "torch fp16"); None: not benched
+    same_file_as: str | None = None  # a second runtime of a file: the sha256 of the file's first row
 
     def latency_at(self, device: str, batch_size: int) -> Latency | None:
         """The default variant's cell (a .pt's first variant, fp32 unless bench was told otherwise)."""
@@ -103,6 +105,7 @@ class Record:
             "top5": self.top5, "accuracy_source": self.accuracy_source,
             "latency": [c.__dict__ for c in self.latency], "pareto": self.pareto, "vs_root": self.vs_root,
             "lineage_commands": [str(e.get("command", "?")) for e in self.lineage],
+            "runtime": self.runtime, "same_file_as": self.same_file_as,
         }
 
 
@@ -230,8 +233,26 @@ def _resolve_bench_file(row: BenchRow) -> Path | None:
     return None
 
 
+def runtime_label(m: dict[str, Any]) -> str:
+    """How a bench row ran its file: the runtime, then a precision other than f32 and the variant."""
+    details = m.get("details") or {}
+    parts = [str(m.get("runtime") or m.get("kind") or "?")]
+    precision = details.get("precision")
+    if precision and precision != "f32":
+        parts.append(str(precision))
+    if m.get("variant"):
+        parts.append(str(m["variant"]))
+    return " ".join(parts)
+
+
 def join_records(artifacts: list[Path], bench_files: list[Path], *, warn: Any = None) -> list[Record]:
-    """One record per distinct file (by sha256), with every bench row that measured it attached."""
+    """One record per distinct file (by sha256), with every bench row that measured it attached.
+
+    A file benched on several runtimes (``--runtime ort,openvino``, ``--precision f32,bf16``, the .pt
+    variants) is a different deployment point on each: the first runtime stays on the file's record, every
+    other one becomes a row of its own (``r56.int8.onnx @ openvino``) linked to it, with its own latency and
+    accuracy.
+    """
     warn = warn or (lambda _msg: None)
     records: dict[str, Record] = {}
     for path in artifacts:
@@ -258,7 +279,22 @@ def join_records(artifacts: list[Path], bench_files: list[Path], *, warn: Any = 
             if key not in records:
                 records[key] = _record_from_bench(BenchRow(row.bench_file, row.file, row.name, sha, row.data,
                                                            row.accuracy_data))
-            _attach(records[key], row)
+            rec = records[key]
+            label = runtime_label(row.data)
+            if rec.runtime is not None and rec.runtime != label:
+                alt_key = f"{key}@{label}"
+                if alt_key not in records:
+                    records[alt_key] = replace(rec, name=f"{rec.name} @ {label}", sha256=alt_key, latency=[],
+                                               top1=None, top5=None, accuracy_source=None, pareto=[],
+                                               vs_root={}, runtime=label, same_file_as=key)
+                rec = records[alt_key]
+            rec.runtime = label
+            _attach(rec, row)
+    for rec in list(records.values()):  # name the first runtime too where a file has several
+        if rec.same_file_as is not None:
+            base = records[rec.same_file_as]
+            if "@" not in base.name:
+                base.name = f"{base.name} @ {base.runtime}"
     return list(records.values())
 
 
@@ -328,27 +364,40 @@ def _ancestors(lineage: list[dict[str, Any]]) -> list[tuple[str, int]]:
     return out
 
 
-def link_records(records: list[Record], *, baseline: str | None = None) -> list[Record]:
+def link_records(records: list[Record], *, baseline: str | list[str] | None = None) -> list[Record]:
     """Set parent, edge, root, depth, technique and step; return the records in pipeline order.
 
-    ``baseline``: the sha256 of the record every row is compared with (default: each row's root).
+    ``baseline``: the sha256 of the record every row is compared with (default: each row's root); with
+    several, each row is compared with the one in its own lineage tree (its root, where the tree has none).
     """
     by_sha = {r.sha256: r for r in records}
     for r in records:
         r.technique = technique_of(r.lineage)
+        if r.same_file_as is not None:  # the same file on another runtime
+            r.parent, r.step = r.same_file_as, f"bench on {r.runtime}"
+            r.edge = r.step
+            continue
         r.step = describe_step(r.lineage[-1]) if r.lineage else "? (no lineage: bench numbers only)"
         for sha, k in _ancestors(r.lineage):
             if sha in by_sha and sha != r.sha256:
                 r.parent = sha
                 r.edge = " -> ".join(describe_step(e) for e in r.lineage[k:])
                 break
+    bases = [baseline] if isinstance(baseline, str) else list(baseline or [])
+    tree_root: dict[str, str] = {}
     for r in records:
         node, seen = r, {r.sha256}
         while node.parent is not None and node.parent not in seen:
             seen.add(node.parent)
             node = by_sha[node.parent]
-        r.root = baseline or node.sha256
+        tree_root[r.sha256] = node.sha256
         r.depth = len(seen) - 1
+    base_of_tree = {tree_root[b]: b for b in reversed(bases) if b in tree_root}
+    for r in records:
+        if len(bases) == 1:
+            r.root = bases[0]
+        else:
+            r.root = base_of_tree.get(tree_root[r.sha256], tree_root[r.sha256])
     children: dict[str | None, list[Record]] = {}
     for r in records:
         children.setdefault(r.parent, []).append(r)
