@@ -136,8 +136,8 @@ def test_markdown_table_and_stdout_table(full: dict, chain: dict[str, Path]) -> 
     assert "cpu b1 p50 ms (img/s)" in header and "cpu b4 p50 ms (img/s)" in header
     p50_row = next(r for r in rows if "r20.p50.pt" in r)
     assert "—" in p50_row and "†" in p50_row  # no latency; top-1 from its own lineage
-    for png in ("top1_vs_size.png", "top1_vs_latency_cpu_b1.png", "top1_vs_latency_cpu_b4.png", "lineage.png",
-                "curves.png"):
+    for png in ("top1_vs_size.png", "top1_vs_latency_cpu_b1.png", "top1_vs_latency_cpu_b4.png", "top1_vs_pruning.png",
+                "lineage.png", "curves.png"):
         assert f"(plots/{png})" in md
     code, out, err = _run("report", chain["runs"], chain["bench"], "-o", chain["base"] / "report-table")
     assert code == 0, err
@@ -150,7 +150,8 @@ def test_plots_are_valid_images_of_the_stated_size(full: dict) -> None:
     from PIL import Image
 
     plots = full["out"] / "plots"
-    for name in ("top1_vs_size", "top1_vs_latency_cpu_b1", "top1_vs_latency_cpu_b4", "lineage", "curves"):
+    for name in ("top1_vs_size", "top1_vs_latency_cpu_b1", "top1_vs_latency_cpu_b4", "top1_vs_pruning", "lineage",
+                 "curves"):
         with Image.open(plots / f"{name}.png") as im:
             im.verify()
         with Image.open(plots / f"{name}.png") as im:
@@ -166,10 +167,29 @@ def test_plots_are_valid_images_of_the_stated_size(full: dict) -> None:
         assert (px == color).all(axis=1).sum() > 20, color
 
 
+def test_the_pruning_sweep_is_measured_against_the_parent_it_was_pruned_from(full: dict) -> None:
+    """The accuracy-vs-pruning plot's points: the pruned ONNX against the file it was pruned from (benched
+    here; otherwise its measured export), the parent at 0; quantized files stay out."""
+    from resopt.report import ReportConfig, build_report
+    from resopt.report.writers import pruning_series
+
+    recs = _by_name(full["doc"])
+    report = build_report([Path(recs["r20.pt"]["path"]).parent, full["out"].parent / "bench.json"], ReportConfig(),
+                          skip=full["out"])
+    series = pruning_series(report.records, "top1")
+    assert [name for name, _ in series] == ["r20.pt / l1-struct"]
+    pts = sorted(series[0][1])
+    kept = recs["r20.p50.onnx"]["nonzero_params"] / recs["r20.pt"]["nonzero_params"]
+    assert pts == [(0.0, recs["r20.pt"]["top1"]), (pytest.approx(100 * (1 - kept)), recs["r20.p50.onnx"]["top1"])]
+    # Without the parent's own bench row, the measured export of it stands in.
+    onnx_only = [r for r in report.records if r.name != "r20.pt"]
+    assert [name for name, _ in pruning_series(onnx_only, "top1")] == ["r20.onnx / l1-struct"]
+
+
 def test_html_is_one_offline_page_with_the_plots(full: dict) -> None:
     page = (full["out"] / "report.html").read_text()
     srcs = re.findall(r'src="([^"]+)"', page)
-    assert len(srcs) == 5 and all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert len(srcs) == 6 and all(s.startswith("data:image/png;base64,") for s in srcs)
     embedded = {base64.b64decode(s.split(",", 1)[1]) for s in srcs}
     assert (full["out"] / "plots" / "top1_vs_size.png").read_bytes() in embedded
     assert not re.search(r'(src|href)="(https?:|//)', page) and "<link" not in page and "<script" not in page

@@ -169,6 +169,27 @@ def label_boxes(fig: Any) -> list[Any]:
     return [_text_box(t, renderer) for t in ax.texts]
 
 
+def sweep_plot(series: Sequence[tuple[str, list[tuple[float, float]]]], *, xlabel: str, ylabel: str,
+               title: str) -> Any:
+    """Accuracy against how much was pruned, one line per (parent, method): the sweeps of a study."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=FIG_SIZE, dpi=DPI)
+    ax = fig.add_axes((0.09, 0.10, 0.62, 0.80))
+    cmap = plt.get_cmap("tab10")
+    markers = "osD^v<>phX"
+    for k, (name, pts) in enumerate(series):
+        xs, ys = zip(*sorted(pts), strict=True)
+        ax.plot(xs, ys, marker=markers[k % len(markers)], color=cmap(k % 10), linewidth=1.4, markersize=6,
+                label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(textwrap.fill(title, 72), fontsize=11)
+    ax.grid(True, alpha=0.25)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0, fontsize=8, title="parent / method",
+              title_fontsize=9)
+    return fig
+
+
 def tree_plot(nodes: Sequence[tuple[str, int, str, str]], *, title: str) -> Any:
     """The lineage as an indented tree. ``nodes``: (name, depth, technique, edge command), pipeline order."""
     from matplotlib.patches import Patch

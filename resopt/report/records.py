@@ -26,9 +26,9 @@ _TECHNIQUE_OF_COMMAND = {"prune": "pruned", "distill": "distilled", "quantize": 
 _STEP_OPTIONS: dict[str, tuple[str, ...]] = {
     "train": ("arch", "width", "epochs"),
     "distill": ("student", "width", "epochs", "alpha", "temperature"),
-    "prune": ("method", "sparsity", "target_macs", "finetune_epochs"),
+    "prune": ("method", "sparsity", "target_macs", "global", "iterative", "steps", "layer_ratios", "finetune_epochs"),
     "export": ("opset",),
-    "quantize": ("mode", "calib_method"),
+    "quantize": ("mode", "per_tensor", "bits", "clusters", "calib_method", "epochs"),
     "build": ("precision",),
 }
 
@@ -341,7 +341,7 @@ def describe_step(entry: dict[str, Any]) -> str:
     parts = [command]
     for key in _STEP_OPTIONS.get(command, ()):
         value = options.get(key)
-        if value in (None, "", [], {}, False):
+        if value in (None, "", [], {}, False) or (key == "steps" and not options.get("iterative")):
             continue
         if isinstance(value, str) and ("/" in value or "\\" in value):
             value = Path(value).name

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -91,9 +92,48 @@ def _measured(r: Record) -> bool:
     return not (r.accuracy_source or "").startswith("lineage")
 
 
+def pruning_series(records: list[Record], metric: str) -> list[tuple[str, list[tuple[float, float]]]]:
+    """(parent / method, [(% non-zero parameters removed, accuracy)]) per pruning sweep, the parent at 0.
+
+    Only files measured by ``bench --data``, on their first runtime, without a quantization step, so each
+    point is one model's float accuracy; a sweep is every pruned model sharing a parent and a method.
+    """
+    def nonzero(r: Record) -> int | None:
+        return r.nonzero_params if r.nonzero_params is not None else r.params
+
+    by_sha = {r.sha256: r for r in records}
+    float_rows = [r for r in records if _measured(r) and r.same_file_as is None and r.metric(metric) is not None
+                  and nonzero(r) and not any(e.get("command") == "quantize" for e in r.lineage)]
+    by_lineage = {json.dumps(r.lineage[:-1], sort_keys=True, default=str): r for r in float_rows
+                  if r.lineage and r.lineage[-1].get("command") == "export"}
+    series: dict[str, list[tuple[float, float]]] = {}
+    parents: dict[str, Record] = {}
+    for r in float_rows:
+        k = max((i for i, e in enumerate(r.lineage) if e.get("command") == "prune"), default=None)
+        if k is None:
+            continue
+        step = r.lineage[k]
+        opts = step.get("options") or {}
+        # The parent as measured: the file pruned, or the measured export of it.
+        src = (step.get("parent") or {}).get("sha256")
+        parent = by_sha.get(src) if src in by_sha and by_sha[src] in float_rows else \
+            by_lineage.get(json.dumps(r.lineage[:k], sort_keys=True, default=str))
+        if parent is None or not nonzero(parent):
+            continue
+        method = str(opts.get("method", "?")) + (" iterative" if opts.get("iterative") else "") + \
+            (" global" if opts.get("global") else "")
+        name = f"{parent.name} / {method}"
+        removed = 100.0 * (1.0 - (nonzero(r) or 0) / (nonzero(parent) or 1))
+        series.setdefault(name, []).append((removed, float(r.metric(metric) or 0.0)))
+        parents[name] = parent
+    for name, pts in series.items():
+        pts.append((0.0, float(parents[name].metric(metric) or 0.0)))
+    return sorted(series.items())
+
+
 def make_plots(report: Report, plots_dir: Path) -> list[tuple[str, Path]]:
     """Draw every plot the inputs have numbers for; returns (caption, png path) pairs."""
-    from resopt.report.plots import Point, curves_plot, save_figure, scatter_plot, tree_plot
+    from resopt.report.plots import Point, curves_plot, save_figure, scatter_plot, sweep_plot, tree_plot
 
     metric = report.config.metric
     label = f"{report.metric_name} accuracy (%)"
@@ -118,6 +158,12 @@ def make_plots(report: Report, plots_dir: Path) -> list[tuple[str, Path]]:
         save_figure(scatter_plot(pts, xlabel=f"p50 latency per batch of {bs} on {device} (ms)", ylabel=label,
                                  title=f"{title}: {report.metric_name} vs latency ({device}, batch {bs})"), png)
         out.append((f"{report.metric_name} vs latency, {device}, batch {bs}", png))
+    series = pruning_series(report.records, metric)
+    if series:
+        png = plots_dir / f"{metric}_vs_pruning.png"
+        save_figure(sweep_plot(series, xlabel="non-zero parameters removed (% of the parent's)", ylabel=label,
+                               title=f"{title}: {report.metric_name} vs pruning"), png)
+        out.append((f"{report.metric_name} vs pruning", png))
     nodes = [(r.name, r.depth, r.technique, r.edge) for r in report.records]
     png = plots_dir / "lineage.png"
     save_figure(tree_plot(nodes, title=f"{title}: lineage (each file <- the commands that made it from its parent)"),
