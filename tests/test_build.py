@@ -661,7 +661,7 @@ def test_build_exits_6_and_writes_nothing_when_the_engine_disagrees(cli, r20_onn
                                                                    workdir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     _require_trt_gpu()
-    import resopt.build as build_mod
+    import resopt.build.engine as build_mod  # where build_engine looks the name up
 
     def disagreeing(*args, **kwargs):  # what a broken engine measures: half its predictions differ
         return Parity(images=20, source="cifar_small", max_abs_diff=3.0, mean_abs_diff=1.0, top1_agreement=50.0,
