@@ -582,18 +582,8 @@ class ArtifactInfo:
 
 
 def read_artifact_info(path: Path) -> ArtifactInfo:
+    """Classes, preprocessing, lineage and metrics of a model file, read by its kind (``resopt.kinds``)."""
+    from resopt.kinds import kind_of
+
     path = Path(path)
-    kind = artifact_kind(path)
-    if kind == "pt":
-        ckpt = load_checkpoint(path)
-        return ArtifactInfo(path, kind, ckpt["arch"], ckpt["classes"], checkpoint_preprocess(ckpt),
-                            ckpt.get("lineage", []), ckpt.get("metrics", {}))
-    if kind == "onnx":
-        meta = read_onnx_meta(path)
-        pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
-        return ArtifactInfo(path, kind, meta.get("arch"), meta.get("classes", []), pre,
-                            meta.get("lineage", []), meta.get("metrics", {}))
-    side = read_sidecar(path)
-    pre = Preprocess.from_dict(side["preprocess"]) if "preprocess" in side else None
-    return ArtifactInfo(path, kind, side.get("arch"), side.get("classes", []), pre,
-                        side.get("lineage", []), side.get("metrics", {}))
+    return kind_of(path).read_info(path)

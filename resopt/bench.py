@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.errors import EnvironmentMismatchError, MissingDependencyError, ResoptError, UsageError
+from resopt.kinds import KINDS, ModelStats
 
 DEVICES = ("cpu", "gpu")
 # How a .pt runs: eager FP32 as trained, and the usual GPU speed-ups (TorchRunner keyword arguments).
@@ -291,54 +292,7 @@ def with_speedups(models: list[ModelBench]) -> list[ModelBench]:
                                      for b in m.batches)) for m in models]
 
 
-# ------------------------------------------------------------------------------------ static numbers
-
-
-@dataclass(frozen=True)
-class ModelStats:
-    params: int | None
-    nonzero_params: int | None
-    macs: int | None
-
-
-def artifact_stats(path: Path, kind: str, input_size: int) -> ModelStats:
-    """Parameters, non-zero parameters and MACs (one image) of a model file, without running it.
-
-    An engine cannot be inspected layer by layer, so its numbers come from its sidecar when the build
-    recorded them there (``params``, ``nonzero_params``, ``macs``), else they are unknown.
-    """
-    if kind == "pt":
-        from resopt.models import count_macs, count_params, load_model
-
-        model, _ = load_model(path)
-        params, nonzero = count_params(model)
-        return ModelStats(params, nonzero, count_macs(model, input_size))
-    if kind == "onnx":
-        from resopt.artifacts import load_onnx
-
-        try:
-            from resopt.onnx_utils import onnx_macs, onnx_param_counts
-        except ImportError:  # resopt.onnx_utils ships with `export`; without it the numbers are unknown
-            return ModelStats(None, None, None)
-        model = load_onnx(path)
-        params, nonzero = onnx_param_counts(model)
-        try:
-            macs: int | None = int(onnx_macs(model))
-        except ResoptError as e:  # shape inference cannot see through an op: time it anyway, MACs unknown
-            from resopt.console import warn
-
-            warn(f"MACs of {path.name} unknown: {e}")
-            macs = None
-        return ModelStats(int(params), int(nonzero), macs)
-    from resopt.artifacts import read_sidecar
-
-    side = read_sidecar(path)
-
-    def _int(key: str) -> int | None:
-        value = side.get(key, side.get("metrics", {}).get(key))
-        return int(value) if value is not None else None
-
-    return ModelStats(_int("params"), _int("nonzero_params"), _int("macs"))
+# --------------------------------------------------------------------------------------------- host
 
 
 def host_info(device: str) -> dict[str, Any]:
@@ -469,7 +423,7 @@ def _preflight(paths: list[Path], cfg: BenchConfig) -> list[_Planned]:
                 from resopt.data import check_classes
 
                 check_classes(info.classes, data_classes, model_name=str(p), data=str(cfg.data))
-        stats = artifact_stats(p, kind, size)
+        stats = KINDS[kind].stats(p, size)
         if kind == "pt":
             planned += [_Planned(p, kind, classes, size, stats, cfg.device,
                                  v if len(cfg.effective_pt_variants) > 1 or v != "fp32" else "", PT_VARIANTS[v])

@@ -26,6 +26,7 @@ from resopt.build.plan import BatchProfile, BuildConfig, BuildPlan, check_reques
 from resopt.console import log, warn
 from resopt.errors import InputFileError
 from resopt.fp16 import convert_onnx_fp16
+from resopt.kinds import onnx_model_stats
 
 if TYPE_CHECKING:
     from resopt.artifacts import Preprocess
@@ -172,20 +173,6 @@ def _hardware_notes(plan: BuildPlan, here: dict[str, Any], cfg: BuildConfig,
     return notes
 
 
-def _model_counts(model: Any) -> dict[str, int | None]:
-    """Parameters, non-zero parameters and MACs of the source ONNX: an engine cannot be inspected layer by
-    layer, so ``info`` and ``bench`` read these from the sidecar."""
-    from resopt.errors import ResoptError
-    from resopt.onnx_utils import onnx_macs, onnx_param_counts
-
-    params, nonzero = onnx_param_counts(model)
-    try:
-        macs: int | None = int(onnx_macs(model))
-    except ResoptError:  # a shape the inference cannot see through: unknown, not fatal
-        macs = None
-    return {"params": int(params), "nonzero_params": int(nonzero), "macs": macs}
-
-
 def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult:
     """ONNX -> TensorRT engine + sidecar, checked against the ONNX on real images.
 
@@ -259,7 +246,8 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
         **feeder.describe(), "batches_fed": feeder.batches_served, "cache": str(feeder.cache),
         "cache_used": feeder.cache_used}
 
-    counts = _model_counts(model)
+    # An engine cannot be inspected layer by layer, so `info` and `bench` read its counts from the sidecar.
+    counts = onnx_model_stats(model)
     sidecar = EngineSidecar(
         built_with=here, precision=plan.precision, build_path=plan.description, strongly_typed=plan.strongly_typed,
         builder_flags=list(plan.builder_flags),
@@ -268,7 +256,7 @@ def build_engine(onnx_path: Path, output: Path, cfg: BuildConfig) -> BuildResult
         onnx={"file": onnx_path.name, "path": str(onnx_path), "sha256": sha256_file(onnx_path)},
         fp16_conversion=fp16_info, calibration=calib_info, sparsity=sparse_info,
         arch=meta.get("arch"), classes=meta.get("classes", []), preprocess=preprocess.to_dict(),
-        params=counts["params"], nonzero_params=counts["nonzero_params"], macs=counts["macs"])
+        params=counts.params, nonzero_params=counts.nonzero_params, macs=counts.macs)
 
     runner = TrtRunner(plan=engine_bytes, sidecar=sidecar.to_dict())
     try:
