@@ -739,11 +739,11 @@ def test_gpu_preflight_runs_onnx_on_cpu_without_the_cuda_provider(r20_onnx: Path
     import onnxruntime as ort
     import torch
 
-    from resopt.bench import BenchConfig, _preflight
+    from resopt.bench import BenchConfig, preflight
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the check; nothing runs on it
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    planned = _preflight([trained_pt, r20_onnx], BenchConfig(device="gpu"))
+    planned = preflight([trained_pt, r20_onnx], BenchConfig(device="gpu"))
     assert [(p.kind, p.device, p.variant, p.options) for p in planned] == [
         ("pt", "gpu", "fp32", {}), ("pt", "gpu", "fp16", {"fp16": True}),
         ("pt", "gpu", "fp16-channels-last", {"fp16": True, "channels_last": True}), ("onnx", "cpu", "", {})]
