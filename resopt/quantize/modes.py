@@ -39,6 +39,14 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def _always(cfg: QuantizeConfig) -> bool:
+    return True
+
+
+def _never(cfg: QuantizeConfig) -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class Mode:
     """One quantization method."""
@@ -55,7 +63,7 @@ class Mode:
     from_checkpoint: Callable[[Path, Path, QuantizeConfig], QuantizeResult] | None = None  # modes that take a .pt
     exports_pt: bool = False  # also takes a .pt, exported to FP32 ONNX first
     qdq_int8: bool = False  # writes INT8 Q/DQ: linted against --target, INT8 layers counted per runtime
-    lints: Callable[[QuantizeConfig], bool] = lambda cfg: False  # report the Q/DQ lint
+    lints: Callable[[QuantizeConfig], bool] = _never  # report the Q/DQ lint
 
     def own_flags(self) -> tuple[str, ...]:
         return tuple(_flag(f.name) for f in fields(self.options))
@@ -95,6 +103,10 @@ def _produce_dynamic(job: Job) -> None:
 
     q.dynamic_int8(job.prepped, job.produced.path, per_channel=job.cfg.per_channel, reduce_range=job.reduce_range,
                    exclude=job.cfg.exclude)
+
+
+def _fp16_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    return {"weights": "float16", "activations": "float16", "io": "float32"}
 
 
 def _produce_fp16(job: Job) -> None:
@@ -156,14 +168,6 @@ def _qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     return quantize_qat(checkpoint, output, cfg)
 
 
-def _always(cfg: QuantizeConfig) -> bool:
-    return True
-
-
-def _never(cfg: QuantizeConfig) -> bool:
-    return False
-
-
 _INT8_SHARED = ("--target", "--calib-method", "--per-tensor", "--reduce-range")
 _GUARD = ("--max-drop", "--max-exclude")
 
@@ -175,9 +179,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          produce=_produce_int8, qdq_int8=True, lints=_always),
     Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
          _PLAIN_HINT, produce=_produce_dynamic, lints=_always),
-    Mode("fp16", NoOptions, (), _never, lambda cfg, rr: {"weights": "float16", "activations": "float16",
-                                                         "io": "float32"}, 99.0, _PLAIN_HINT,
-         produce=_produce_fp16),
+    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16),
     Mode("qat", QatOptions, _INT8_SHARED, _always, _int8_settings, 90.0, _CALIB_HINT, from_checkpoint=_qat,
          qdq_int8=True, lints=_always),
     Mode("kmeans", KmeansOptions, (), _never, _kmeans_settings, 90.0,
