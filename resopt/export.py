@@ -233,8 +233,8 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     """Export ``checkpoint`` to ONNX at ``output``, verified against PyTorch on real images."""
     import torch
 
+    from resopt.kinds import onnx_model_stats
     from resopt.models import load_model
-    from resopt.onnx_utils import onnx_macs, onnx_param_counts
 
     cfg = cfg or ExportConfig()
     cfg.validate()
@@ -271,8 +271,9 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     sizes = tuple(sorted({min(cfg.verify_batch, len(images) - s) for s in range(0, len(images), cfg.verify_batch)},
                          reverse=True))
 
-    params, _ = onnx_param_counts(proto)
-    macs = onnx_macs(proto)
+    counts = onnx_model_stats(proto, require_macs=True)
+    params, macs = counts.params, counts.macs
+    assert params is not None and macs is not None  # require_macs: an unknown count raised
     ops: dict[str, int] = {}
     for node in proto.graph.node:
         ops[node.op_type] = ops.get(node.op_type, 0) + 1

@@ -3,7 +3,8 @@
 ``describe_model(path)`` reads a ``.pt`` (as a plain checkpoint, ``weights_only=True``: pickled objects
 are refused, never executed), an ``.onnx`` (its graph and ``resopt.*`` metadata) or an ``.engine`` (its
 JSON sidecar only, validated as ``bench`` validates it, so no TensorRT is needed; ``engine_runs_here``
-adds whether this machine could run it) and returns a ``ModelInfo``. Parameters and MACs of a
+adds whether this machine could run it), through the table of kinds (``resopt.kinds.KINDS``), and returns a
+``ModelInfo``. Parameters and MACs of a
 ``.pt`` are counted on the rebuilt PyTorch model (BatchNorm scale and shift are parameters there); those
 of an ``.onnx`` on its graph by ``resopt.onnx_utils`` (where BatchNorm is folded into the convolutions),
 so an exported model shows slightly fewer parameters than its checkpoint and the same MACs.
@@ -17,11 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resopt.artifacts import Preprocess, artifact_kind, sha256_file
-from resopt.errors import InputFileError
+from resopt.artifacts import Preprocess, sha256_file
+from resopt.kinds import kind_of
 from resopt.verify import agreement_percent
-
-KIND_NAMES = {"pt": "PyTorch checkpoint", "onnx": "ONNX model", "engine": "TensorRT engine"}
 
 # The options and metrics worth a column in the lineage table, per command; anything else is in --json.
 # Names a command does not record are skipped, so the table tolerates older and newer lineages.
@@ -98,74 +97,7 @@ class ModelInfo:
         }
 
 
-# ------------------------------------------------------------------------------------------ kinds
-
-
-def _describe_pt(path: Path) -> dict[str, Any]:
-    from resopt.artifacts import checkpoint_preprocess, load_checkpoint
-    from resopt.models import count_macs, count_params, model_from_checkpoint
-
-    ckpt = load_checkpoint(path)  # weights_only=True: refuses pickled objects without running them
-    try:
-        pre = checkpoint_preprocess(ckpt)
-        model = model_from_checkpoint(ckpt)
-    except KeyError as e:
-        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
-    params, nonzero = count_params(model)
-    base = ckpt.get("arch_kwargs", {})
-    details: dict[str, Any] = {"arch_kwargs": base, "format_version": ckpt.get("format_version")}
-    if ckpt.get("metrics"):
-        details["metrics"] = ckpt["metrics"]
-    return {"format": KIND_NAMES["pt"], "arch": ckpt.get("arch"), "classes": ckpt.get("classes", []),
-            "params": params, "nonzero_params": nonzero, "macs": count_macs(model, pre.input_size),
-            "preprocess": pre, "lineage": ckpt.get("lineage", []), "details": details}
-
-
-def onnx_precision(model: Any) -> str:
-    """A short name for how the graph stores its weights: FP32, FP16, INT8 Q/DQ, INT8 QOperator, ..."""
-    from onnx import TensorProto
-
-    ops = {n.op_type for n in model.graph.node}
-    if "DequantizeLinear" in ops and ops & {"Conv", "Gemm", "MatMul"}:
-        return "INT8 Q/DQ"
-    if ops & {"QLinearConv", "QLinearMatMul", "QGemm"}:
-        return "INT8 QOperator"
-    if ops & {"ConvInteger", "MatMulInteger"}:
-        return "INT8 dynamic"
-    types = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}
-    if TensorProto.FLOAT16 in types and TensorProto.FLOAT not in types:
-        return "FP16"
-    if TensorProto.BFLOAT16 in types and TensorProto.FLOAT not in types:
-        return "BF16"
-    return "FP32"
-
-
-def _describe_onnx(path: Path) -> dict[str, Any]:
-    import onnx
-
-    from resopt.artifacts import load_onnx, read_onnx_meta
-    from resopt.onnx_utils import onnx_stats
-
-    model = load_onnx(path)
-    try:
-        # Random bytes sometimes decode as a protobuf message; the checker tells a model from noise.
-        onnx.checker.check_model(model)
-    except Exception as e:
-        raise InputFileError(f"{path} is not a valid ONNX model ({str(e).strip().splitlines()[0][:160]})") \
-            from None
-    if not model.graph.node:
-        raise InputFileError(f"{path} is not a valid ONNX model (its graph has no nodes)")
-    meta = read_onnx_meta(model, path=path)
-    stats = onnx_stats(model)
-    pre = Preprocess.from_dict(meta["preprocess"]) if "preprocess" in meta else None
-    inputs = [{"name": i.name, "shape": [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim]}
-              for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer}]
-    details = {"opset": stats.opset, "ops": stats.ops, "inputs": inputs,
-               "producer": f"{model.producer_name} {model.producer_version}".strip(),
-               "resopt_metadata": bool(meta)}
-    return {"format": f"ONNX opset {stats.opset}, {onnx_precision(model)}", "arch": meta.get("arch"),
-            "classes": meta.get("classes", []), "params": stats.params, "nonzero_params": stats.nonzero_params,
-            "macs": stats.macs, "preprocess": pre, "lineage": meta.get("lineage", []), "details": details}
+# ---------------------------------------------------------------------------------------- engines
 
 
 def engine_runs_here(sidecar: dict[str, Any], engine: Path, *, here: dict[str, Any] | None = None) -> tuple[bool, str]:
@@ -194,37 +126,12 @@ def engine_runs_here(sidecar: dict[str, Any], engine: Path, *, here: dict[str, A
     return True, f"yes: built with {describe_env(sidecar['built_with'])}, as this machine has"
 
 
-def _describe_engine(path: Path) -> dict[str, Any]:
-    from resopt.artifacts import read_artifact_info, read_sidecar
-    from resopt.backends.tensorrt_backend import validate_sidecar
-
-    side = read_sidecar(path)
-    validate_sidecar(side, path)  # the sidecar bench would accept, or InputFileError (exit 3)
-    info = read_artifact_info(path)  # the sidecar: no TensorRT needed
-    metrics = {}
-    for entry in info.lineage:  # the latest recorded counts: the engine's own, else its source's
-        metrics.update({k: v for k, v in (entry.get("metrics") or {}).items() if k in ("params", "macs",
-                                                                                     "nonzero_params")})
-    metrics.update({k: side[k] for k in ("params", "macs", "nonzero_params") if side.get(k) is not None})
-    details = {k: v for k, v in side.items() if k not in ("lineage", "classes", "preprocess", "metrics")}
-    runs, why = engine_runs_here(side, path)
-    details["runs_here"], details["runs_here_reason"] = runs, why
-    precision = side.get("precision")
-    return {"format": KIND_NAMES["engine"] + (f", {precision}" if precision else ""), "arch": info.arch,
-            "classes": info.classes, "params": metrics.get("params"),
-            "nonzero_params": metrics.get("nonzero_params"), "macs": metrics.get("macs"),
-            "preprocess": info.preprocess, "lineage": info.lineage, "details": details}
-
-
-_DESCRIBERS = {"pt": _describe_pt, "onnx": _describe_onnx, "engine": _describe_engine}
-
-
 def describe_model(path: Path) -> ModelInfo:
     """Everything ``resopt info`` prints about a ``.pt``, ``.onnx`` or ``.engine`` file."""
     path = Path(path)
-    kind = artifact_kind(path)  # missing file, folder, unknown suffix: InputFileError
-    d = _DESCRIBERS[kind](path)
-    return ModelInfo(path=path, kind=kind, format=d["format"], arch=d["arch"], classes=tuple(d["classes"]),
+    kind = kind_of(path)  # missing file, folder, unknown suffix: InputFileError
+    d = kind.describe(path)
+    return ModelInfo(path=path, kind=kind.name, format=d["format"], arch=d["arch"], classes=tuple(d["classes"]),
                      params=d["params"], nonzero_params=d["nonzero_params"], macs=d["macs"],
                      file_size=path.stat().st_size, sha256=sha256_file(path), preprocess=d["preprocess"],
                      lineage=tuple(d["lineage"]), details=d["details"])

@@ -41,6 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _table import Table, exit_code, verdict_line, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 3.0  # resopt INT8 on onnxruntime over ORT FP32 (issue 2)
@@ -311,23 +313,23 @@ def markdown(result: dict[str, Any]) -> str:
         + (f" ({cfg['eval_limit_per_class']} per class)" if cfg.get("eval_limit_per_class") else "")
         + f"; trained models: {cfg['epochs']} epochs on `{_shown(cfg['data'])}`"
         + (f" ({cfg['train_limit_per_class']} per class)" if cfg.get("train_limit_per_class") else "") + ".", "",
-        "| model | runtime | size | MACs | top-1 | batch | p50 ms | img/s | vs ORT FP32 | vs PyTorch | of peak "
-        "| peak mem |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    table = Table(["model", "runtime", "size", "MACs", "top-1", "batch", "p50 ms", "img/s", "vs ORT FP32",
+                   "vs PyTorch", "of peak", "peak mem"], left=("model", "runtime"))
     for r in result["rows"]:
         top1 = "n/a" if r["top1"] is None else f"{r['top1']:.2f}%"
         peak = "?" if r["of_peak"] is None else f"{100 * r['of_peak']:.0f}% {r['compute_precision'].upper()}"
-        lines.append(
-            f"| {r['model']} ({r['input']}px) | {r['runtime']} | {_mb(r['file_bytes'])} | {_count(r['macs'])} | "
-            f"{top1} | {r['batch_size']} | {r['p50_ms']:.2f} | {r['throughput_ips']:,.0f} ±{r['spread_pct'] / 2:.0f}% "
-            f"| {r['vs_ort_fp32']:.2f}x ({r['vs_ort_fp32_range'][0]:.2f}-{r['vs_ort_fp32_range'][1]:.2f}) | "
-            f"{r['vs_pytorch']:.2f}x | {peak} | {_mb(r['peak_memory_bytes'])} |")
+        table.add_row(f"{r['model']} ({r['input']}px)", r["runtime"], _mb(r["file_bytes"]), _count(r["macs"]), top1,
+                      str(r["batch_size"]), f"{r['p50_ms']:.2f}",
+                      f"{r['throughput_ips']:,.0f} ±{r['spread_pct'] / 2:.0f}%",
+                      f"{r['vs_ort_fp32']:.2f}x ({r['vs_ort_fp32_range'][0]:.2f}-{r['vs_ort_fp32_range'][1]:.2f})",
+                      f"{r['vs_pytorch']:.2f}x", peak, _mb(r["peak_memory_bytes"]))
+    lines += table.markdown()
     lines += ["", "Targets and goals:", ""]
     for v in result["verdicts"]:
         unit = "x" if "x ORT" in v["target"] or "throughput" in v["target"] else " points"
         on = f" ({v['row']})" if v.get("row") else f" on {v['images']} test images" if v.get("images") else ""
-        lines.append(f"- {v['model']}: {v['target']}: **{v['value']:g}{unit}**{on}: {'met' if v['met'] else 'NOT met'}")
+        lines.append(verdict_line(f"{v['model']}: {v['target']}", f"{v['value']:g}{unit}", v["met"], after=on))
     lines += ["", "Ratios are from one interleaved run per model, so they are fairer than the absolute numbers, "
               "which move with the machine's load. Trained models are short runs on a small training set, not "
               "converged; resnet50 rows are speed only."]
@@ -406,13 +408,8 @@ def main(argv: list[str] | None = None) -> int:
         "steps": {k: v["steps"] for k, v in built.items()},
         "bench_speed": speeds, "bench_accuracy": accuracies, "seconds": round(time.time() - t0, 1),
     }
-    md = markdown(result)
-    (opts.out / "bench-cpu.md").write_text(md)
-    (opts.out / "bench-cpu.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(md)
-    print(f"bench_cpu: wrote {opts.out / 'bench-cpu.md'} and bench-cpu.json in {result['seconds']:.0f} s",
-          file=sys.stderr)
-    return 1 if opts.strict and not all(v["met"] for v in result["verdicts"]) else 0
+    write_result(opts.out, "bench-cpu", result, markdown(result))
+    return exit_code(result["verdicts"], strict=opts.strict)
 
 
 if __name__ == "__main__":

@@ -22,12 +22,13 @@ and says what to install for the rest.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from _table import Table, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 CALIB = REPO / "calib" / "cifar10"
@@ -123,23 +124,20 @@ def bench_arch(arch: str, batches: list[int], work: Path, trt_version: str | Non
 
 
 def render(rows: list[Row], gpu: str, trt_version: str | None, args: argparse.Namespace) -> Any:
-    from rich.table import Table
-
     base = {(r.arch, r.batch): r.img_per_s for r in rows if r.backend == "PyTorch FP32"}
-    table = Table(title=f"resopt bench-gpu on {gpu} (TensorRT {trt_version or 'not installed'})",
-                  title_justify="left", caption_justify="left",
-                  caption=f"CUDA-event timing, p50/p99 over >= {args.iters} batches and {args.min_time:g} s; "
-                          f"speed-up over PyTorch FP32 at the same batch; agreement = engine vs its ONNX, top-1 "
-                          f"(random weights). MLPerf offline ResNet-50 INT8 on one H100: ~{MLPERF_R50_INT8_H100:,} "
-                          f"img/s; resopt target there: >= {TARGET_R50_INT8_H100:,} img/s.")
-    for name in ("model", "backend", "batch", "p50 ms", "p99 ms", "img/s", "speed-up", "GPU mem", "agreement"):
-        table.add_column(name, justify="left" if name in ("model", "backend") else "right")
+    table = Table(["model", "backend", "batch", "p50 ms", "p99 ms", "img/s", "speed-up", "GPU mem", "agreement"],
+                  left=("model", "backend"))
     for r in rows:
         table.add_row(r.arch, r.backend, str(r.batch), f"{r.p50_ms:.3f}", f"{r.p99_ms:.3f}", f"{r.img_per_s:,.0f}",
                       f"{r.img_per_s / base[(r.arch, r.batch)]:.2f}x",
                       "-" if r.gpu_memory is None else f"{r.gpu_memory / 2**20:,.0f} MiB",
                       "-" if r.agreement is None else f"{r.agreement:.1f}%")
-    return table
+    return table.rich(title=f"resopt bench-gpu on {gpu} (TensorRT {trt_version or 'not installed'})",
+                      caption=f"CUDA-event timing, p50/p99 over >= {args.iters} batches and {args.min_time:g} s; "
+                              f"speed-up over PyTorch FP32 at the same batch; agreement = engine vs its ONNX, top-1 "
+                              f"(random weights). MLPerf offline ResNet-50 INT8 on one H100: "
+                              f"~{MLPERF_R50_INT8_H100:,} img/s; resopt target there: >= {TARGET_R50_INT8_H100:,} "
+                              f"img/s.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
     Console(width=180).print(render(rows, torch.cuda.get_device_name(0), trt_version, args))
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+        write_json(args.json, [asdict(r) for r in rows])
     return 0
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from _table import Table, exit_code, verdict_line, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 1.7  # throughput of the half-MACs structured child over its parent
@@ -145,10 +147,9 @@ def markdown(result: dict[str, Any]) -> str:
         + (f" ({cfg['limit_per_class']} images per class)" if cfg["limit_per_class"] else "") + ". "
         f"Top-1: the ONNX files on the test split ({cfg['eval_images']} images), measured by the same "
         f"`resopt bench` run as the speed ({cfg['method']}).", "",
-        "| model | params | non-zero | MACs | size | top-1 pruned, not fine-tuned | top-1 (ONNX) | "
-        + " | ".join(f"b{b} p50 ms | b{b} speed-up" for b in bss) + " |",
-        "|---|--:|--:|--:|--:|--:|--:|" + "--:|--:|" * len(bss),
     ]
+    table = Table(["model", "params", "non-zero", "MACs", "size", "top-1 pruned, not fine-tuned", "top-1 (ONNX)",
+                   *(c for b in bss for c in (f"b{b} p50 ms", f"b{b} speed-up"))], left=("model",))
     for r in result["rows"]:
         before = "" if r["top1_before_finetune"] is None else f"{r['top1_before_finetune']:.2f}%"
         top1 = "?" if r["top1"] is None else f"{r['top1']:.2f}%"
@@ -157,12 +158,13 @@ def markdown(result: dict[str, Any]) -> str:
         for b in bss:
             s = r[f"b{b}"]
             cells += [f"{s['p50_ms']:.2f} ±{s['spread_pct'] / 2:.0f}%", f"{s['speedup']:.2f}x"]
-        lines.append("| " + " | ".join(cells) + " |")
+        table.add_row(*cells)
+    lines += table.markdown()
     lines += ["", f"Target: a structured prune that halves the MACs runs >= {SPEED_TARGET}x faster than its parent "
               "(throughput ratio at the same batch size):", ""]
     for v in result["verdicts"]:
-        lines.append(f"- {v['child']} ({v['macs_fraction']:.2f}x MACs), batch {v['batch_size']}: "
-                     f"**{v['speedup']:.2f}x**: {'met' if v['met'] else 'NOT met'}")
+        lines.append(verdict_line(f"{v['child']} ({v['macs_fraction']:.2f}x MACs), batch {v['batch_size']}",
+                                  f"{v['speedup']:.2f}x", v["met"]))
     return "\n".join(lines) + "\n"
 
 
@@ -205,13 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         **summary, "steps": built["steps"], "prune": built["prune"], "bench": bench,
         "seconds": round(time.time() - t0, 1),
     }
-    md = markdown(result)
-    (opts.out / "bench-prune.md").write_text(md)
-    (opts.out / "bench-prune.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(md)
-    print(f"bench_prune: wrote {opts.out / 'bench-prune.md'} and bench-prune.json in {result['seconds']:.0f} s",
-          file=sys.stderr)
-    return 1 if opts.strict and not all(v["met"] for v in result["verdicts"]) else 0
+    write_result(opts.out, "bench-prune", result, markdown(result))
+    return exit_code(result["verdicts"], strict=opts.strict)
 
 
 if __name__ == "__main__":

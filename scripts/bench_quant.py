@@ -38,6 +38,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _table import Table, exit_code, verdict_line, write_result
+
 REPO = Path(__file__).resolve().parents[1]
 RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 3.0
@@ -205,23 +207,25 @@ def markdown(result: dict[str, Any]) -> str:
         f"{cfg['threads']} intra-op threads, batch {cfg['batch_size']}; onnxruntime "
         f"{host.get('versions', {}).get('onnxruntime', '?')}. Accuracy on the test split of `{cfg['data']}`"
         + (f" ({cfg['eval_limit_per_class']} per class)" if cfg.get("eval_limit_per_class") else "") + ".", "",
-        "| model | notes | size | vs FP32 | img/s (onnxruntime CPU) | vs FP32 | top-1 | top-5 | drop | INT8 MACs |",
-        "|---|---|--:|--:|--:|--:|--:|--:|--:|--:|",
     ]
+    table = Table(["model", "notes", "size", "vs FP32", "img/s (onnxruntime CPU)", "vs FP32", "top-1", "top-5", "drop",
+                   "INT8 MACs"], left=("model", "notes"))
     for t in result["rows"]:
         frac = "" if t["int8_mac_fraction"] is None else f"{100 * t['int8_mac_fraction']:.1f}%"
-        lines.append(f"| {t['name']} | {t['note']} | {t['size_bytes'] / 1e3:.0f} KB | {t['size_vs_fp32']:.2f}x "
-                     f"| {t['throughput_ips']:.0f} ±{t['spread_pct'] / 2:.0f}% | {t['vs_fp32']:.2f}x "
-                     f"| {t['top1']:.2f}% | {t['top5']:.2f}% | {t['drop']:+.2f} | {frac} |")
+        table.add_row(t["name"], t["note"], f"{t['size_bytes'] / 1e3:.0f} KB", f"{t['size_vs_fp32']:.2f}x",
+                      f"{t['throughput_ips']:.0f} ±{t['spread_pct'] / 2:.0f}%", f"{t['vs_fp32']:.2f}x",
+                      f"{t['top1']:.2f}%", f"{t['top5']:.2f}%", f"{t['drop']:+.2f}", frac)
+    lines += table.markdown()
     if result["fixed"]:
-        lines += ["", "Fixed point (per-layer fractional length; accuracy from `resopt quantize --json`):", "",
-                  "| bits | activations | top-1 | top-5 | agreement with FP32 | size |", "|--:|---|--:|--:|--:|--:|"]
+        fixed = Table(["bits", "activations", "top-1", "top-5", "agreement with FP32", "size"], left=("activations",))
         for f in result["fixed"]:
-            lines.append(f"| {f['bits']} | {'fixed, same bits' if f['activations'] else 'float'} | {f['top1']:.2f}% "
-                         f"| {f['top5']:.2f}% | {f['agreement']:.1f}% | {f['size_bytes'] / 1e3:.0f} KB |")
+            fixed.add_row(str(f["bits"]), "fixed, same bits" if f["activations"] else "float", f"{f['top1']:.2f}%",
+                          f"{f['top5']:.2f}%", f"{f['agreement']:.1f}%", f"{f['size_bytes'] / 1e3:.0f} KB")
+        lines += ["", "Fixed point (per-layer fractional length; accuracy from `resopt quantize --json`):", "",
+                  *fixed.markdown()]
     lines += ["", "Targets:", ""]
     for v in result["verdicts"]:
-        lines.append(f"- {v['target']}: **{v['value']:g}**: {'met' if v['met'] else 'NOT met'}")
+        lines.append(verdict_line(v["target"], f"{v['value']:g}", v["met"]))
     return "\n".join(lines) + "\n"
 
 
@@ -267,13 +271,8 @@ def main(argv: list[str] | None = None) -> int:
                          "num_calib": opts.num_calib},
               "rows": table, "fixed": sweep, "verdicts": verdicts, "steps": steps,
               "bench_speed": speed, "bench_accuracy": acc, "seconds": round(time.time() - t0, 1)}
-    md = markdown(result)
-    (opts.out / "bench-quant.md").write_text(md)
-    (opts.out / "bench-quant.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    print(md)
-    print(f"bench_quant: wrote {opts.out / 'bench-quant.md'} and bench-quant.json in {result['seconds']:.0f} s",
-          file=sys.stderr)
-    return 1 if opts.strict and not all(v["met"] for v in verdicts) else 0
+    write_result(opts.out, "bench-quant", result, markdown(result))
+    return exit_code(verdicts, strict=opts.strict)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,52 @@ def test_onnx_metadata_is_namespaced_and_restamped() -> None:
     assert meta["arch"] == "resnet20" and len(meta["lineage"]) == 2
     keys = [p.key for p in model.metadata_props]
     assert keys.count("resopt.lineage") == 1 and "producer.note" in keys
+
+
+# A sidecar as `resopt build` wrote it before the sidecar became a typed record (every key, in file order).
+_BUILT_SIDECAR = {
+    "format": "resopt.engine", "format_version": 1,
+    "built_with": {"tensorrt": "10.3.0", "cuda": "12", "torch_cuda": "12.4", "gpu": "NVIDIA L4",
+                   "compute_capability": "8.9", "driver": "550.54"},
+    "precision": "fp16", "build_path": "TensorRT 10.3.0: BuilderFlag.FP16", "strongly_typed": False,
+    "builder_flags": ["FP16"], "input": {"name": "input", "sample_shape": [3, 32, 32], "dynamic_batch": True},
+    "profile": {"min": 1, "opt": 64, "max": 256}, "build_options": {"fp16": True, "int8": False},
+    "onnx": {"file": "r20.onnx", "path": "out/r20.onnx", "sha256": "ab" * 32},
+    "fp16_conversion": None, "calibration": None, "sparsity": None, "arch": "resnet20", "classes": ["cat", "dog"],
+    "preprocess": {"input_size": 32, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]},
+    "params": 270_000, "nonzero_params": 269_000, "macs": 41_000_000,
+    "metrics": {"build": {"verified": True}}, "lineage": [{"command": "build"}],
+    "engine": {"file": "r20.engine", "bytes": 4, "sha256": "cd" * 32},
+}
+
+
+def test_engine_sidecar_record_writes_the_json_build_always_wrote(tmp_path: Path) -> None:
+    import json
+
+    from resopt.artifacts import EngineSidecar, read_sidecar, write_sidecar
+
+    record = EngineSidecar.from_dict(_BUILT_SIDECAR, tmp_path / "r20.engine")
+    assert (record.precision, record.macs, record.built_with["gpu"]) == ("fp16", 41_000_000, "NVIDIA L4")
+    write_sidecar(tmp_path / "r20.engine", record)
+    text = (tmp_path / "r20.engine.json").read_text()
+    assert list(json.loads(text)) == list(_BUILT_SIDECAR)  # same keys, same order
+    assert read_sidecar(tmp_path / "r20.engine") == _BUILT_SIDECAR
+    # Before the engine is written (the runner that checks it gets this), metrics, lineage, engine are absent.
+    pending = EngineSidecar.from_dict({k: v for k, v in _BUILT_SIDECAR.items()
+                                       if k not in ("metrics", "lineage", "engine")}, tmp_path / "r20.engine")
+    assert list(pending.to_dict()) == [k for k in _BUILT_SIDECAR if k not in ("metrics", "lineage", "engine")]
+
+
+def test_engine_sidecar_record_reads_older_and_newer_sidecars() -> None:
+    from resopt.artifacts import EngineSidecar
+
+    required = ("format", "format_version", "built_with", "precision", "profile", "preprocess", "classes")
+    old = EngineSidecar.from_dict({k: _BUILT_SIDECAR[k] for k in required}, Path("old.engine"))
+    assert (old.build_path, old.params, old.engine) == (None, None, None)
+    newer = EngineSidecar.from_dict({**_BUILT_SIDECAR, "added_later": [1, 2]}, Path("new.engine"))
+    assert newer.extra == {"added_later": [1, 2]} and newer.to_dict()["added_later"] == [1, 2]
+    for broken, message in (({**_BUILT_SIDECAR, "format": "other"}, "not written by `resopt build`"),
+                            ({**_BUILT_SIDECAR, "format_version": 2}, "newer than this resopt understands"),
+                            ({k: v for k, v in _BUILT_SIDECAR.items() if k != "profile"}, "lacks profile")):
+        with pytest.raises(InputFileError, match=message):
+            EngineSidecar.from_dict(broken, Path("m.engine"))

@@ -661,7 +661,7 @@ def test_build_exits_6_and_writes_nothing_when_the_engine_disagrees(cli, r20_onn
                                                                    workdir: Path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     _require_trt_gpu()
-    import resopt.build as build_mod
+    import resopt.build.engine as build_mod  # where build_engine looks the name up
 
     def disagreeing(*args, **kwargs):  # what a broken engine measures: half its predictions differ
         return Parity(images=20, source="cifar_small", max_abs_diff=3.0, mean_abs_diff=1.0, top1_agreement=50.0,
@@ -739,11 +739,11 @@ def test_gpu_preflight_runs_onnx_on_cpu_without_the_cuda_provider(r20_onnx: Path
     import onnxruntime as ort
     import torch
 
-    from resopt.bench import BenchConfig, _preflight
+    from resopt.bench import BenchConfig, preflight
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # only the check; nothing runs on it
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
-    planned = _preflight([trained_pt, r20_onnx], BenchConfig(device="gpu"))
+    planned = preflight([trained_pt, r20_onnx], BenchConfig(device="gpu"))
     assert [(p.kind, p.device, p.variant, p.options) for p in planned] == [
         ("pt", "gpu", "fp32", {}), ("pt", "gpu", "fp16", {"fp16": True}),
         ("pt", "gpu", "fp16-channels-last", {"fp16": True, "channels_last": True}), ("onnx", "cpu", "", {})]

@@ -23,11 +23,11 @@ from resopt.build import (
     BuildConfig,
     CalibrationFeeder,
     InputSpec,
-    _serialize_engine,
     calibration_batch,
     make_entropy_calibrator,
     plan_build,
 )
+from resopt.build.engine import _serialize_engine
 from resopt.errors import OutputError, UsageError
 
 THIS_GPU = b"GPU-A"

@@ -169,9 +169,11 @@ def test_int8_guard_met_without_exclusions(cli, fp32_onnx, cifar_small, workdir)
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--max-drop", "1"], "Error: --max-drop measures the top-1 drop on the --data test split; pass --data"),
-    (["--mode", "fp16", "--max-drop", "1", "--data", "x"], "Error: --max-drop guards --mode int8 or fixed"),
+    (["--mode", "fp16", "--max-drop", "1", "--data", "x"],
+     "Error: --max-drop does not apply to --mode fp16; it is an option of --mode int8, fixed"),
     (["--max-exclude", "2"], "Error: --max-exclude bounds the accuracy guard"),
-    (["--mode", "fp16", "--target", "trt"], "Error: --target trt shapes INT8 Q/DQ"),
+    (["--mode", "fp16", "--target", "trt"], "Error: --target does not apply to --mode fp16; it is an option of "
+                                            "--mode int8, qat"),
 ])
 def test_guard_option_errors(cli, fp32_onnx, workdir, args, expected):
     r = cli("quantize", fp32_onnx, "-o", "x.onnx", *args)

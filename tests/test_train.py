@@ -12,7 +12,8 @@ import torch
 
 from resopt.artifacts import load_checkpoint
 from resopt.models import count_params, model_from_checkpoint
-from resopt.train import TrainConfig, _cosine_with_warmup
+from resopt.train import TrainConfig
+from resopt.train.loop import _cosine_with_warmup
 
 TINY = ["--arch", "resnet20", "--width", "0.25", "--batch-size", "50", "--limit-per-class", "10"]
 
@@ -46,7 +47,7 @@ def test_train_cli_json_and_same_seed_same_weights(cli, cifar_small: Path, tmp_p
 
 def test_resume_continues_an_interrupted_run(cli, cifar_small: Path, tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import resopt.train as train_mod
+    import resopt.train.loop as train_mod  # where fit looks evaluate up
 
     out = tmp_path / "r.pt"
     args = ["train", "--data", cifar_small, *TINY, "--epochs", "3", "-o", out]

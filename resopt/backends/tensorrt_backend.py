@@ -17,13 +17,11 @@ import shlex
 from pathlib import Path
 from typing import Any
 
-from resopt.artifacts import Preprocess, read_sidecar, sha256_file
+from resopt.artifacts import Preprocess, read_sidecar, sha256_file, validate_sidecar
 from resopt.backends import Runner
 from resopt.envinfo import TENSORRT_INSTALL, trt_major
 from resopt.errors import EnvironmentMismatchError, InputFileError, MissingDependencyError, UsageError
 
-SIDECAR_FORMAT = "resopt.engine"
-SIDECAR_VERSION = 1
 MIN_TRT_MAJOR = 10
 
 
@@ -106,20 +104,6 @@ def _trt_release(version: str) -> tuple[str, ...]:
 def describe_env(env: dict[str, Any]) -> str:
     return f"TensorRT {env.get('tensorrt', '?')} on {env.get('gpu', '?')} (compute capability " \
            f"{env.get('compute_capability', '?')})"
-
-
-def validate_sidecar(sidecar: dict[str, Any], engine: Path) -> None:
-    """A sidecar resopt wrote and can read; anything else is an InputFileError naming the engine."""
-    if sidecar.get("format") != SIDECAR_FORMAT:
-        raise InputFileError(f"sidecar of {engine} was not written by `resopt build` (no '{SIDECAR_FORMAT}' tag)",
-                             hint=f"rebuild it with `resopt build MODEL.onnx -o {engine}`")
-    if int(sidecar.get("format_version", 0)) > SIDECAR_VERSION:
-        raise InputFileError(f"sidecar of {engine} uses format {sidecar['format_version']}, newer than this resopt "
-                             f"understands ({SIDECAR_VERSION})", hint="upgrade resopt")
-    missing = [k for k in ("built_with", "precision", "profile", "preprocess", "classes") if k not in sidecar]
-    if missing or not isinstance(sidecar.get("built_with"), dict):
-        raise InputFileError(f"sidecar of {engine} lacks {', '.join(missing) or 'built_with'}",
-                             hint=f"rebuild it with `resopt build MODEL.onnx -o {engine}`")
 
 
 def rebuild_command(sidecar: dict[str, Any], engine: Path) -> str:

@@ -11,6 +11,7 @@ from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, check_options
 
 
 def quantize_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="FP32 model: .onnx from `resopt export` (a .pt for qat, kmeans, "
                                           "fixed).",
                                           show_default=False)],
@@ -80,19 +81,33 @@ def quantize_cmd(
 
     Example: resopt quantize r20.onnx --mode int8 -o r20.int8.onnx --data examples/cifar10-mini
     """
-    check_options(locals())
-    from resopt.quantize import QuantizeConfig, quantize_model
-    from resopt.train import TrainConfig
+    values = dict(locals())
+    check_options(values)
+    from dataclasses import fields
 
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, warmup_epochs=0.0, amp=amp, seed=seed,
-                        device=device)
+    from resopt.quantize import QuantizeConfig, check_options_apply, get_mode, quantize_model
+
+    entry = get_mode(mode)
+    check_options_apply(mode, _given(ctx))  # an option the mode does not use is an error, not ignored
     cfg = QuantizeConfig(mode=mode, target=target, calib_data=calib_data, num_calib=num_calib,
                          calib_method=calib_method, per_channel=not per_tensor, reduce_range=reduce_range,
                          seed=seed, data=data, limit_per_class=limit_per_class, min_agreement=min_agreement,
                          exclude=_split(exclude), save_calib=save_calib, max_drop=max_drop,
-                         max_exclude=max_exclude, clusters=clusters, bits=bits, act_bits=act_bits, train=train)
+                         max_exclude=max_exclude, options=entry.options(**{f.name: values[f.name]
+                                                                          for f in fields(entry.options)}))
     result = quantize_model(model, output or default_output(model, f".{mode}.onnx"), cfg)
     emit(result.summary(), json_out=json_, render=_render)
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The flags the user typed (an explicit default counts: ``--target cpu --mode fp16`` is refused too). The
+    parameter source is compared by name: typer ships its own copy of click's ``ParameterSource``."""
+    typed = []
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name) if p.name else None
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            typed.append(next((o for o in p.opts if o.startswith("--")), p.opts[0]))
+    return typed
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:

@@ -12,20 +12,20 @@
 - ``2:4``: two of every four consecutive input-channel weights are zero, the layout of TensorRT's
   sparse kernels.
 
-``prune_checkpoint`` is the ``prune`` command's work; ``analyze_checkpoint`` its ``--analyze``.
+``prune_checkpoint`` is the ``prune`` command's work (each method's runner is in ``methods.RUNNERS``);
+``analyze_checkpoint`` its ``--analyze``.
 """
 
 from __future__ import annotations
 
-import math
 import os
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resopt.console import log, warn
+from resopt.console import log
 from resopt.errors import DataError, UsageError, VerificationError, choice_error
+from resopt.prune.methods import RUNNERS, Work
 
 if TYPE_CHECKING:
     from torch import nn
@@ -36,10 +36,6 @@ if TYPE_CHECKING:
 METHODS = ("l1-struct", "l2-struct", "l1-unstruct", "2:4", "sfp")
 STRUCTURED = ("l1-struct", "l2-struct", "sfp")
 DEFAULT_STEPS = 5
-DENSE_NOTE = ("dense kernels (onnxruntime, cuDNN) still multiply the zeroed weights: this model is no faster "
-              "and its file no smaller than its parent. For speed use a structured method (l1-struct).")
-NM_NOTE = ("2:4 keeps 2 of every 4 consecutive input-channel weights, the layout of TensorRT's sparse "
-           "tensor-core kernels (Ampere or newer, built with sparsity enabled); ")
 
 
 @dataclass(frozen=True)
@@ -279,16 +275,9 @@ def prune_checkpoint(
     parent_channels = conv_out_channels(model)
     log(f"pruning {model_path.name} ({ckpt['arch']}, top-1 {before.top1:.2f}% on {len(prepared.eval)} "
         f"{prepared.eval_split} images) with {cfg.method}")
-    work = _Work(model=model, cfg=cfg, input_size=size, top1=top1, fine_tune=fine_tune, parent_macs=before.macs)
-    if cfg.method in ("l1-struct", "l2-struct"):
-        _run_structured(work)
-    elif cfg.method == "sfp":
-        probe, _ = stack_images(prepared.eval, 32)
-        _run_sfp(work, probe)
-    elif cfg.method == "l1-unstruct":
-        _run_unstructured(work)
-    else:
-        _run_24(work)
+    work = Work(model=model, cfg=cfg, input_size=size, top1=top1, fine_tune=fine_tune, parent_macs=before.macs,
+                probe=lambda: stack_images(prepared.eval, 32)[0])
+    RUNNERS[cfg.method](work)
 
     model.eval()
     if cfg.method in STRUCTURED and not cfg.round_to:
@@ -338,143 +327,6 @@ def prune_checkpoint(
     log(f"wrote {output}: params {before.params} -> {result.after.params}, MACs {before.macs} -> "
         f"{result.after.macs}, top-1 {before.top1:.2f}% -> {result.after.top1:.2f}%")
     return result
-
-
-@dataclass
-class _Work:
-    """What a method needs from ``prune_checkpoint`` and what it reports back."""
-
-    model: nn.Module
-    cfg: PruneConfig
-    input_size: int
-    top1: Callable[[nn.Module], float]
-    fine_tune: Callable[..., FitResult | None]
-    parent_macs: int
-    top1_pruned: float = math.nan
-    ratio: float | None = None
-    steps: list[dict[str, Any]] = field(default_factory=list)
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    fits: list[FitResult] = field(default_factory=list)
-
-    def finetuned(self, description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
-        fit_result = self.fine_tune(description, hooks)
-        if fit_result is not None:
-            self.fits.append(fit_result)
-        return fit_result
-
-
-def _plan(work: _Work) -> tuple[Any, list[Any]]:
-    """The structured plan for ``work.cfg`` (searching the ratio for --target-macs) and the channel groups."""
-    from resopt.prune.structured import StructuredPlan, channel_groups, resolve_layer_ratios, search_ratio
-
-    cfg, model = work.cfg, work.model
-    groups = channel_groups(model, work.input_size)
-    plan = StructuredPlan(p=2 if cfg.method in ("l2-struct", "sfp") else 1, ratio=cfg.sparsity or 0.0,
-                          global_=cfg.global_, round_to=cfg.round_to,
-                          group_ratios=resolve_layer_ratios(model, groups, cfg.layer_ratios)
-                          if cfg.layer_ratios else {})
-    if cfg.target_macs is not None:
-        ratio, macs = search_ratio(model, plan, groups, work.input_size, int(cfg.target_macs * work.parent_macs))
-        log(f"--target-macs {cfg.target_macs:g}: channel ratio {ratio:.4f} leaves {macs / work.parent_macs:.3f} "
-            f"of the MACs")
-        plan = replace(plan, ratio=ratio)
-    work.ratio = None if cfg.layer_ratios else plan.ratio
-    return plan, groups
-
-
-def _step_row(work: _Work, step: int, top1_pruned: float, fit_result: FitResult | None) -> dict[str, Any]:
-    from resopt.models import count_macs, count_params
-
-    params, nonzero = count_params(work.model)
-    row = {"step": step, "params": params, "nonzero_params": nonzero,
-           "macs": count_macs(work.model, work.input_size), "top1_pruned": round(top1_pruned, 3)}
-    if fit_result is not None:
-        row["top1_finetuned"] = round(fit_result.best_top1, 3)
-    return row
-
-
-def _run_structured(work: _Work) -> None:
-    import warnings
-
-    from resopt.prune.structured import make_pruner
-
-    plan, groups = _plan(work)
-    n = work.cfg.n_steps
-    if n > 1 and work.cfg.finetune_epochs < 1:
-        warn("--iterative without --finetune-epochs prunes in steps with nothing in between: the same as one-shot")
-    pruner = make_pruner(work.model, plan, groups, work.input_size, steps=n)
-    for k in range(1, n + 1):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            pruner.step()
-        work.top1_pruned = work.top1(work.model)
-        label = f"prune step {k}/{n}" if n > 1 else "prune"
-        log(f"{label}: top-1 {work.top1_pruned:.2f}% before fine-tuning")
-        fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune")
-        work.steps.append(_step_row(work, k, work.top1_pruned, fit_result))
-
-
-def _run_sfp(work: _Work, probe: Any) -> None:
-    from resopt.prune.structured import SoftFilterHook
-
-    plan, groups = _plan(work)
-    hook = SoftFilterHook(work.model, plan, groups, work.input_size)
-    zeroed = hook.zero()
-    work.top1_pruned = work.top1(work.model)
-    log(f"sfp: {zeroed} channels zeroed, top-1 {work.top1_pruned:.2f}%; fine-tuning with soft pruning each epoch")
-    work.finetuned("fine-tune sfp", (hook,))
-    diff = hook.remove(work.model, probe)
-    if diff > 1e-4:
-        raise VerificationError(f"removing the soft-pruned channels changed the logits by {diff:.3g}; they were "
-                                f"not all-zero")
-    work.notes.append(f"soft filter pruning zeroed the lowest-norm channels at the start and after every epoch "
-                      f"({hook.epochs_zeroed}), then removed them (logit change {diff:.2g})")
-
-
-def _run_unstructured(work: _Work) -> None:
-    from resopt.prune.sparse import MaskHook, apply_masks, magnitude_masks
-
-    cfg = work.cfg
-    n = cfg.n_steps
-    for k in range(1, n + 1):
-        sparsity = (cfg.sparsity or 0.0) * k / n
-        masks = magnitude_masks(work.model, sparsity, global_=cfg.global_)
-        apply_masks(work.model, masks)
-        work.top1_pruned = work.top1(work.model)
-        label = f"prune step {k}/{n}" if n > 1 else "prune"
-        log(f"{label}: {sparsity:.1%} of the weights zeroed, top-1 {work.top1_pruned:.2f}% before fine-tuning")
-        fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune", (MaskHook(work.model, masks),))
-        # The masks are not re-applied here: the hook must have kept them through fine-tuning.
-        modules = dict(work.model.named_modules())
-        regrown = [name for name, mask in masks.items() if bool((modules[name].weight[~mask] != 0).any())]
-        if regrown:
-            raise VerificationError(f"{len(regrown)} layers regrew pruned weights during fine-tuning "
-                                    f"({', '.join(regrown[:3])})")
-        work.steps.append(_step_row(work, k, work.top1_pruned, fit_result))
-    work.notes.append(DENSE_NOTE)
-
-
-def _run_24(work: _Work) -> None:
-    from resopt.prune.sparse import MaskHook, apply_masks, nm_masks, nm_violations
-
-    masks, skipped = nm_masks(work.model)
-    if not masks:
-        raise UsageError("no conv or linear layer of this model has a multiple of 4 input channels; 2:4 does "
-                         "not apply")
-    work.skipped = [{"layer": s.name, "reason": s.reason} for s in skipped]
-    if skipped:
-        log(f"2:4: {len(masks)} layers sparsified, {len(skipped)} skipped: " +
-            ", ".join(f"{s.name} ({s.reason})" for s in skipped))
-    apply_masks(work.model, masks)
-    work.top1_pruned = work.top1(work.model)
-    fit_result = work.finetuned("fine-tune 2:4", (MaskHook(work.model, masks),))
-    bad = nm_violations(work.model)
-    if bad:
-        raise VerificationError(f"the 2:4 pattern does not hold after fine-tuning in {len(bad)} layers "
-                                f"({', '.join(bad[:3])})")
-    work.steps.append(_step_row(work, 1, work.top1_pruned, fit_result))
-    work.notes.append(NM_NOTE + DENSE_NOTE)
 
 
 def _alignment_note(parent: dict[str, list[int]], child: dict[str, list[int]]) -> list[str]:
@@ -552,3 +404,4 @@ def analyze_checkpoint(
         log(f"proposed: resopt prune {model_path} --method {method} --layer-ratios "
             f"{report.proposal.layer_ratios()} --data {data.data} ...")
     return report
+

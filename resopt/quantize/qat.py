@@ -37,6 +37,9 @@ if TYPE_CHECKING:
     import torch
     from torch import fx, nn
 
+    from resopt.quantize.config import QuantizeConfig
+    from resopt.quantize.pipeline import QuantizeResult
+
 
 def _fake_quant_classes() -> tuple[type, type, type, type]:
     """(activation fake-quant, weight fake-quant, Conv(+BN) layer, Linear layer); built on first use so that
@@ -268,31 +271,29 @@ def torch_infer(qm: QatModel) -> Any:
     return infer
 
 
-DEFAULT_QAT_LR = 1e-3
-
-
-def default_train_config(seed: int) -> Any:
-    """A short fine-tune at a hundredth of ``train``'s learning rate, without warm-up: the weights only
-    need to move by about one quantization step, and with frozen BatchNorm lr 0.01 already diverges."""
-    from resopt.train import TrainConfig
-
-    return TrainConfig(epochs=3, batch_size=128, lr=DEFAULT_QAT_LR, warmup_epochs=0.0, seed=seed)
-
-
-def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
+def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     """``--mode qat``: PTQ baseline, fake-quant fine-tuning, export, ORT Q/DQ; reports top-1 of FP32, PTQ,
     the fake-quant PyTorch model and the deployed QAT ONNX. The ONNX is verified against the fake-quant
     model it must reproduce."""
     import tempfile
     import time
 
-    from resopt import quantize as Q
     from resopt.artifacts import check_output_path, checkpoint_preprocess, make_checkpoint, save_checkpoint
     from resopt.backends.ort_backend import onnx_predict
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.console import log
     from resopt.models import load_model
     from resopt.quantize import ort as q
+    from resopt.quantize.config import QatOptions
+    from resopt.quantize.pipeline import (
+        EvalImages,
+        Produced,
+        calib_set,
+        export_fp32,
+        open_onnx,
+        static_builder,
+        verify_and_write,
+    )
     from resopt.train import DataOptions, fit, prepare_data
     from resopt.verify import top1_of
 
@@ -302,13 +303,15 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
     model, ckpt = load_model(checkpoint)
     pre = checkpoint_preprocess(ckpt)
     classes = list(ckpt["classes"])
-    train_cfg = cfg.train or default_train_config(cfg.seed)
+    train_cfg = cfg.mode_options(QatOptions).train_config(cfg.seed)
+    data_spec = cfg.data
+    assert data_spec is not None  # QatOptions.validate requires --data
     train_cfg.validate()
     with tempfile.TemporaryDirectory(prefix="resopt-qat-") as tmp_name:
         tmp = Path(tmp_name)
-        src = Q._open_onnx(Q._export(checkpoint, tmp / "fp32.onnx", cfg), checkpoint)
-        cs = Q._calib_set(cfg, classes, ckpt.get("lineage"))
-        evals = Q.EvalImages(cfg.data, pre, classes, per_class=cfg.limit_per_class, seed=cfg.seed)
+        src = open_onnx(export_fp32(checkpoint, tmp / "fp32.onnx", cfg), checkpoint)
+        cs = calib_set(cfg, classes, ckpt.get("lineage"))
+        evals = EvalImages(data_spec, pre, classes, per_class=cfg.limit_per_class, seed=cfg.seed)
         reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
         bs = calib_batch_size(pre)
 
@@ -318,7 +321,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
             ranges = q.calibrate(prepped, cs, pre, method=cfg.calib_method, symmetric=cfg.target == "trt",
                                  workdir=tmp)
             out = tmp / f"{name}.int8.onnx"
-            Q.static_builder(prepped, ranges, cfg, tmp, reduce_range)(out, exclude=cfg.exclude)
+            static_builder(prepped, ranges, cfg, tmp, reduce_range)(out, exclude=cfg.exclude)
             return out
 
         fp32_acc = _topk(src.onnx, evals())
@@ -327,10 +330,10 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
 
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
-        data = prepare_data(DataOptions(cfg.data, cfg.limit_per_class, None, cfg.seed), preprocess=pre)
+        data = prepare_data(DataOptions(data_spec, cfg.limit_per_class, None, cfg.seed), preprocess=pre)
         from resopt.data import check_classes
 
-        check_classes(classes, data.classes, model_name=str(checkpoint), data=cfg.data)
+        check_classes(classes, data.classes, model_name=str(checkpoint), data=data_spec)
         fitted = fit(qm.module, data.train, data.eval, train_cfg, description="qat")
         # Ranges follow the fine-tuned weights, as the ONNX's calibration below will.
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
@@ -342,9 +345,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
                                 classes=classes, preprocess=pre, lineage=list(ckpt.get("lineage", [])),
                                 metrics={}, widths=ckpt.get("widths") or {})
         save_checkpoint(tuned, tmp / "qat.pt")
-        qat_int8 = int8_of(Q._export(tmp / "qat.pt", tmp / "qat.fp32.onnx", cfg), "qat")
+        qat_int8 = int8_of(export_fp32(tmp / "qat.pt", tmp / "qat.fp32.onnx", cfg), "qat")
 
-        produced = Q._Produced(qat_int8, {**Q._settings(cfg, reduce_range), "qat_epochs": train_cfg.epochs},
+        produced = Produced(qat_int8, {**cfg.method.settings(cfg, reduce_range), "qat_epochs": train_cfg.epochs},
                                reasons=dict.fromkeys(cfg.exclude, "--exclude"),
                                reference=fq, reference_name="fake-quant PyTorch model", parent_acc=fp32_acc)
         produced.options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
@@ -358,7 +361,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: Any) -> Any:
                                  "top1_qat_fakequant": round(fq_top1, 3), "epochs": train_cfg.epochs,
                                  "best_epoch": fitted.best_epoch, "train_seconds": round(fitted.seconds, 1)}
         produced.excluded = cfg.exclude
-        return Q._verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
+        return verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
 
 
 def _topk(model: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:

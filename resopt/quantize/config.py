@@ -1,0 +1,161 @@
+"""The quantize configuration: the options every mode shares (``QuantizeConfig``) and one options dataclass per
+mode for the options only that mode takes (``KmeansOptions``, ``FixedOptions``, ``QatOptions``; ``NoOptions``
+for a mode without any). Which mode uses which option is listed once, in the mode registry
+(``resopt.quantize.modes.MODES``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar, Union
+
+from resopt.errors import UsageError, choice_error
+from resopt.quantize.ort import CALIB_METHODS, TARGETS
+
+if TYPE_CHECKING:
+    from resopt.quantize.modes import Mode
+    from resopt.train import TrainConfig
+
+_O = TypeVar("_O")
+
+DEFAULT_NUM_CALIB = 320
+DEFAULT_QAT_LR = 1e-3
+
+
+@dataclass(frozen=True)
+class NoOptions:
+    """A mode with no options of its own (int8, int8-dynamic, fp16 use only shared options)."""
+
+    def validate(self, cfg: QuantizeConfig) -> None:
+        return None
+
+
+@dataclass(frozen=True)
+class KmeansOptions:
+    clusters: int = 256  # shared values per layer (uint8 indices)
+
+    def validate(self, cfg: QuantizeConfig) -> None:
+        if not 2 <= self.clusters <= 256:
+            raise UsageError(f"--clusters must be between 2 and 256 (uint8 indices), got {self.clusters}")
+
+
+@dataclass(frozen=True)
+class FixedOptions:
+    bits: int = 8  # weight bits
+    act_bits: int | None = None  # activation bits (None: activations stay float)
+
+    def validate(self, cfg: QuantizeConfig) -> None:
+        if not 2 <= self.bits <= 8:
+            raise UsageError(f"--bits must be between 2 and 8, got {self.bits}")
+        if self.act_bits is not None and not 2 <= self.act_bits <= 8:
+            raise UsageError(f"--act-bits must be between 2 and 8, got {self.act_bits}")
+
+
+@dataclass(frozen=True)
+class QatOptions:
+    """The fine-tuning of ``--mode qat``. The defaults are a short fine-tune at a hundredth of ``train``'s
+    learning rate, without warm-up: the weights only need to move by about one quantization step, and with
+    frozen BatchNorm lr 0.01 already diverges."""
+
+    epochs: int = 3
+    lr: float = DEFAULT_QAT_LR
+    batch_size: int = 128
+    amp: bool = True
+    device: str = "auto"
+
+    def validate(self, cfg: QuantizeConfig) -> None:
+        if cfg.data is None:
+            raise UsageError("--mode qat fine-tunes on the --data train split; pass --data",
+                             hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
+
+    def train_config(self, seed: int) -> TrainConfig:
+        from resopt.train import TrainConfig
+
+        return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_epochs=0.0,
+                           amp=self.amp, seed=seed, device=self.device)
+
+
+ModeOptions = Union[NoOptions, KmeansOptions, FixedOptions, QatOptions]  # noqa: UP007 - a runtime alias
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """Options shared by several modes; ``options`` holds the chosen mode's own (None: its defaults)."""
+
+    mode: str = "int8"
+    target: str = "cpu"
+    calib_data: str | None = None  # folder, dataset name or saved .npz set; None: the shipped calib/ set
+    num_calib: int | None = DEFAULT_NUM_CALIB
+    calib_method: str = "minmax"
+    per_channel: bool = True
+    reduce_range: bool | None = None  # None: only on x86 without VNNI
+    seed: int = 0
+    data: str | None = None  # report top-1/top-5 on its test split and measure agreement there
+    limit_per_class: int | None = None
+    min_agreement: float | None = None  # None: the mode's default
+    exclude: tuple[str, ...] = ()
+    save_calib: Path | None = None
+    max_drop: float | None = None  # accuracy guard, top-1 points on the --data test split
+    max_exclude: int | None = None  # most layers the guard may keep in FP32 (None: a quarter of them)
+    options: ModeOptions | None = None
+
+    @property
+    def method(self) -> Mode:
+        """The mode's registry entry."""
+        from resopt.quantize.modes import get_mode
+
+        return get_mode(self.mode)
+
+    @property
+    def opts(self) -> ModeOptions:
+        """The mode's own options: ``options``, or the mode's defaults."""
+        return self.options if self.options is not None else self.method.options()
+
+    def mode_options(self, cls: type[_O]) -> _O:
+        """The mode's own options, as the class its producer expects."""
+        opts = self.opts
+        if not isinstance(opts, cls):
+            raise UsageError(f"--mode {self.mode} takes {self.method.options.__name__}, got {type(opts).__name__}")
+        return opts
+
+    def shared_options_given(self) -> list[str]:
+        """The flags of the shared mode-specific options set away from their defaults (for a library caller,
+        "given" means "not the default"; the CLI asks click which options the user typed)."""
+        from resopt.quantize.modes import SHARED_FIELDS
+
+        defaults = {f.name: f.default for f in fields(QuantizeConfig)}
+        return [flag for name, flag in SHARED_FIELDS.items() if getattr(self, name) != defaults[name]]
+
+    def validate(self) -> None:
+        from resopt.quantize.modes import check_options_apply
+
+        mode = self.method  # an unknown mode fails here, with the list of modes
+        if self.target not in TARGETS:
+            raise choice_error("target", self.target, TARGETS)
+        if self.calib_method not in CALIB_METHODS:
+            raise choice_error("calibration method", self.calib_method, CALIB_METHODS)
+        check_options_apply(self.mode, self.shared_options_given())
+        if not isinstance(self.opts, mode.options):
+            raise UsageError(f"--mode {self.mode} takes {mode.options.__name__}, got {type(self.opts).__name__}")
+        if self.num_calib is not None and self.num_calib < 1:
+            raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
+        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 100.0:
+            raise UsageError(f"--min-agreement must be a percentage in [0, 100], got {self.min_agreement}")
+        if self.limit_per_class is not None and self.data is None:
+            raise UsageError("--limit-per-class limits the --data test split; pass --data")
+        if self.max_drop is not None:
+            if self.data is None:
+                raise UsageError("--max-drop measures the top-1 drop on the --data test split; pass --data",
+                                 hint="resopt quantize m.onnx --mode int8 --max-drop 0.5 --data cifar10")
+            if self.max_drop < 0:
+                raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")
+        if self.max_exclude is not None and (self.max_exclude < 0 or self.max_drop is None):
+            raise UsageError("--max-exclude bounds the accuracy guard: a number >= 0, with --max-drop")
+        self.opts.validate(self)
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method.calibrates(self)
+
+    def agreement_floor(self) -> float:
+        return self.method.min_agreement if self.min_agreement is None else self.min_agreement

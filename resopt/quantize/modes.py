@@ -1,0 +1,219 @@
+"""The quantize modes, listed once (``MODES``), as the commands and the models are: each mode with its own
+options dataclass, its producer, whether it calibrates, which shared options it takes, and how its result is
+checked. ``quantize_onnx`` and ``verify_and_write`` look a mode up here instead of branching on its name.
+
+To add a mode: a producer (``Job`` -> writes ``job.produced.path``) or, for a mode that starts from a ``.pt``,
+a ``from_checkpoint`` function; an options dataclass in ``config.py`` (``NoOptions`` if it has none), whose
+fields are the mode's own CLI options; and an entry in ``MODES``.
+
+Options a mode does not use are an error, not ignored: ``check_options_apply`` names the option and the modes
+that take it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from resopt.errors import UsageError, choice_error
+from resopt.quantize.config import FixedOptions, KmeansOptions, NoOptions, QatOptions
+
+if TYPE_CHECKING:
+    from resopt.quantize.config import QuantizeConfig
+    from resopt.quantize.pipeline import Job, QuantizeResult
+
+# Options of the shared config that only some modes use: config field -> CLI flag. The other shared options
+# (--calib-data, --num-calib, --data, --limit-per-class, --min-agreement, --exclude, --save-calib, --seed) apply
+# to every mode: without --data, every mode is verified on the calibration images.
+SHARED_FIELDS = {"target": "--target", "calib_method": "--calib-method", "per_channel": "--per-tensor",
+                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude"}
+
+_CALIB_HINT = ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
+               "--exclude the sensitive layers, or lower --min-agreement")
+_PLAIN_HINT = "--exclude the sensitive layers, or lower --min-agreement"
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _always(cfg: QuantizeConfig) -> bool:
+    return True
+
+
+def _never(cfg: QuantizeConfig) -> bool:
+    return False
+
+
+@dataclass(frozen=True)
+class Mode:
+    """One quantization method."""
+
+    name: str
+    options: type  # its own options dataclass; the field names are its CLI options
+    shared: tuple[str, ...]  # flags of SHARED_FIELDS it takes
+    calibrates: Callable[[QuantizeConfig], bool]
+    settings: Callable[[QuantizeConfig, bool], dict[str, Any]]  # (cfg, reduce_range) -> what the lineage records
+    # Top-1 agreement (percent) with the parent below which a result is refused.
+    min_agreement: float
+    agreement_hint: str  # what can raise this mode's agreement
+    produce: Callable[[Job], None] | None = None  # FP32 ONNX -> result (modes that take an .onnx)
+    from_checkpoint: Callable[[Path, Path, QuantizeConfig], QuantizeResult] | None = None  # modes that take a .pt
+    exports_pt: bool = False  # also takes a .pt, exported to FP32 ONNX first
+    qdq_int8: bool = False  # writes INT8 Q/DQ: linted against --target, INT8 layers counted per runtime
+    lints: Callable[[QuantizeConfig], bool] = _never  # report the Q/DQ lint
+
+    def own_flags(self) -> tuple[str, ...]:
+        return tuple(_flag(f.name) for f in fields(self.options))
+
+    def takes(self, flag: str) -> bool:
+        return flag in self.shared or flag in self.own_flags()
+
+
+# ------------------------------------------------------------------------------------------ producers
+
+
+def _int8_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    weights = "int8 per-channel" if cfg.per_channel else "int8 per-tensor"
+    acts = "int8 symmetric" if cfg.target == "trt" else "uint8 asymmetric"
+    return {"format": "QDQ", "target": cfg.target, "activations": acts, "weights": weights + " symmetric",
+            "calib_method": cfg.calib_method, "reduce_range": reduce_range, "preprocessed": True}
+
+
+def _produce_int8(job: Job) -> None:
+    from resopt.quantize.pipeline import guard, static_builder
+
+    assert job.ranges is not None
+    build = static_builder(job.prepped, job.ranges, job.cfg, job.tmp, job.reduce_range)
+    if job.cfg.max_drop is None:
+        build(job.produced.path, exclude=job.cfg.exclude)
+    else:
+        guard(job.produced, build, job.src, job.prepped, job.cfg, job.cs, job.evals, job.tmp)
+
+
+def _dynamic_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    weights = "uint8 per-channel" if cfg.per_channel else "uint8 per-tensor"
+    return {"weights": weights, "activations": "uint8 dynamic", "reduce_range": reduce_range}
+
+
+def _produce_dynamic(job: Job) -> None:
+    from resopt.quantize import ort as q
+
+    q.dynamic_int8(job.prepped, job.produced.path, per_channel=job.cfg.per_channel, reduce_range=job.reduce_range,
+                   exclude=job.cfg.exclude)
+
+
+def _fp16_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    return {"weights": "float16", "activations": "float16", "io": "float32"}
+
+
+def _produce_fp16(job: Job) -> None:
+    from resopt.quantize import ort as q
+
+    job.produced.extra["fp16_conversion"] = q.float16(job.prepped, job.produced.path,
+                                                      exclude=job.cfg.exclude).to_dict()
+
+
+def _kmeans_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    opts = cfg.mode_options(KmeansOptions)
+    return {"clusters": opts.clusters, "weights": "uint8 indices + float32 codebook", "activations": "float32"}
+
+
+def _produce_kmeans(job: Job) -> None:
+    from resopt.quantize.kmeans import cluster_weights
+
+    opts = job.cfg.mode_options(KmeansOptions)
+    layers = cluster_weights(job.prepped, job.produced.path, clusters=opts.clusters, exclude=job.cfg.exclude)
+    job.produced.metrics["weight_sqnr_db_min"] = round(min((la.sqnr_db for la in layers), default=0.0), 2)
+    job.produced.extra["clustered"] = [{"weight": la.weight, "elements": la.elements, "clusters": la.clusters,
+                                        "sqnr_db": round(la.sqnr_db, 2)} for la in layers]
+
+
+def _fixed_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
+    opts = cfg.mode_options(FixedOptions)
+    return {"bits": opts.bits, "weights": f"{opts.bits}-bit fixed point per layer",
+            "activations": f"{opts.act_bits}-bit fixed point per layer" if opts.act_bits else "float32",
+            **({"calib_method": "minmax"} if opts.act_bits else {})}
+
+
+def _fixed_calibrates(cfg: QuantizeConfig) -> bool:
+    return cfg.mode_options(FixedOptions).act_bits is not None
+
+
+def _produce_fixed(job: Job) -> None:
+    from resopt.quantize.fixed import fixed_point
+    from resopt.quantize.pipeline import guard
+
+    opts = job.cfg.mode_options(FixedOptions)
+    formats: dict[str, dict[str, str]] = {}
+
+    def build_fixed(dst: Path, *, exclude: tuple[str, ...] = (), only: tuple[str, ...] = ()) -> None:
+        formats.clear()
+        formats.update(fixed_point(job.prepped, dst, bits=opts.bits, act_bits=opts.act_bits, ranges=job.ranges,
+                                   exclude=exclude, only=only))
+
+    if job.cfg.max_drop is None:
+        build_fixed(job.produced.path, exclude=job.cfg.exclude)
+    else:  # fixed point leaves residual adds in float, so the guard does not rank them
+        guard(job.produced, build_fixed, job.src, job.prepped, job.cfg, job.cs, job.evals, job.tmp,
+              skip_ops=("Add",))
+    job.produced.extra["formats"] = dict(formats)
+
+
+def _qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
+    from resopt.quantize.qat import quantize_qat
+
+    return quantize_qat(checkpoint, output, cfg)
+
+
+_INT8_SHARED = ("--target", "--calib-method", "--per-tensor", "--reduce-range")
+_GUARD = ("--max-drop", "--max-exclude")
+
+# FP16 changes almost nothing; 8-bit quantization or 256-cluster k-means of a healthy model keeps well above
+# 90% agreement. Fixed point is a study tool (at 4 bits most predictions change, by design), so it reports
+# without gating. QAT is gated against its fake-quant PyTorch model, which is what its ONNX must reproduce.
+MODES: dict[str, Mode] = {m.name: m for m in (
+    Mode("int8", NoOptions, _INT8_SHARED + _GUARD, _always, _int8_settings, 90.0, _CALIB_HINT,
+         produce=_produce_int8, qdq_int8=True, lints=_always),
+    Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
+         _PLAIN_HINT, produce=_produce_dynamic, lints=_always),
+    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16),
+    Mode("qat", QatOptions, _INT8_SHARED, _always, _int8_settings, 90.0, _CALIB_HINT, from_checkpoint=_qat,
+         qdq_int8=True, lints=_always),
+    Mode("kmeans", KmeansOptions, (), _never, _kmeans_settings, 90.0,
+         "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement",
+         produce=_produce_kmeans, exports_pt=True),
+    Mode("fixed", FixedOptions, _GUARD, _fixed_calibrates, _fixed_settings, 0.0,
+         "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement",
+         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates),
+)}
+
+
+def get_mode(name: str) -> Mode:
+    if name not in MODES:
+        raise choice_error("mode", name, tuple(MODES))
+    return MODES[name]
+
+
+def mode_specific_flags() -> dict[str, list[str]]:
+    """Every option that only some modes take -> those modes, in registry order."""
+    users: dict[str, list[str]] = {}
+    for mode in MODES.values():
+        for flag in (*mode.shared, *mode.own_flags()):
+            users.setdefault(flag, []).append(mode.name)
+    return users
+
+
+def check_options_apply(mode: str, given: Iterable[str]) -> None:
+    """A ``UsageError`` (exit 2) for the first of the ``given`` flags that ``mode`` does not use, naming the
+    modes that take it. Flags every mode uses pass."""
+    entry = get_mode(mode)
+    users = mode_specific_flags()
+    for flag in given:
+        if flag in users and not entry.takes(flag):
+            takers = users[flag]
+            raise UsageError(f"{flag} does not apply to --mode {mode}; it is an option of --mode "
+                             f"{', '.join(takers)}",
+                             hint=f"drop {flag}, or choose --mode {takers[0]}")
