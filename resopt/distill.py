@@ -214,7 +214,7 @@ def distill_model(
         arch, arch_kwargs, pre = student, {"width": width}, t_pre
         model = None
 
-    prepared = prepare_data(data, preprocess=pre)
+    prepared = prepare_data(data, preprocess=pre, device=cfg.device)
     if prepared.eval is None:
         from resopt.errors import DataError
 
@@ -248,7 +248,8 @@ def distill_model(
     if before is not None:
         metrics["top1_before"] = round(before, 3)
     opts = {"teacher": str(teacher), "student": student, "width": width, "data": data.data,
-            "limit_per_class": data.limit_per_class, "val_split": data.val_split, **asdict(dcfg), **asdict(cfg),
+            "limit_per_class": data.limit_per_class, "val_split": data.val_split, "data_path": data.data_path,
+            **asdict(dcfg), **asdict(cfg),
             **(options or {})}
     parent = Path(student) if student_ckpt is not None else None
     lineage = list(student_ckpt.get("lineage", [])) if student_ckpt is not None else []

@@ -95,6 +95,14 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes [default: auto].")]
 ValSplitOpt = Annotated[float | None, typer.Option(
     "--val-split", help="Hold out this fraction of train for validation instead of using test/.")]
+DataPathOpt = Annotated[str, typer.Option(
+    "--data-path", help="fast: decode small images once into a tensor and augment batches on the training "
+    "device; pil: decode and augment per image every epoch; auto: fast for images up to 64 px when they fit "
+    "in a quarter of free RAM (and GPU memory).")]
+TimeBudgetOpt = Annotated[float | None, typer.Option(
+    "--time-budget", help="Seconds of training: after the first epoch, plan as many epochs as fit (at most "
+    "--epochs; the cosine schedule ends there), and stop after any epoch that ends past the budget.",
+    show_default=False)]
 
 
 # ------------------------------------------------------------------------------------- option ranges
@@ -116,6 +124,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "resize": (8, 8192, True, True),
     "limit_per_class": (1, None, True, False),
     "val_split": (0, 1, False, False),
+    "time_budget": (0, None, False, False),
     "workers": (0, 256, True, True),
     "seed": (0, 2**63 - 1, True, True),
     "alpha": (0, 1, True, True),

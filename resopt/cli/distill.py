@@ -12,6 +12,7 @@ from resopt.cli.common import (
     BatchSizeOpt,
     ChannelsLastOpt,
     DataOpt,
+    DataPathOpt,
     DeviceOpt,
     EpochsOpt,
     JsonOpt,
@@ -64,6 +65,7 @@ def distill_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    data_path: DataPathOpt = "auto",
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -92,7 +94,7 @@ def distill_cmd(
                       nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
                       device=device, workers=workers)
-    result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed), cfg,
+    result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg,
                            DistillConfig(alpha=alpha, temperature=temperature), output, width=width, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)
 

@@ -12,6 +12,7 @@ from resopt.cli.common import (
     BatchSizeOpt,
     ChannelsLastOpt,
     DataOpt,
+    DataPathOpt,
     DeviceOpt,
     JsonOpt,
     LabelSmoothingOpt,
@@ -85,6 +86,7 @@ def prune_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    data_path: DataPathOpt = "auto",
     json_: JsonOpt = False,
 ) -> None:
     """Prune a checkpoint into a smaller one, fine-tune it, and compare it with its parent.
@@ -114,7 +116,7 @@ def prune_cmd(
     if data is None:
         raise UsageError("prune needs --data to measure top-1 before and after (and to fine-tune on)",
                          hint="resopt prune r20.pt --sparsity 0.5 --data examples/cifar10-mini -o r20.p50.pt")
-    data_opts = DataOptions(data, limit_per_class, val_split, seed)
+    data_opts = DataOptions(data, limit_per_class, val_split, seed, data_path)
     if analyze:
         from resopt.prune import analyze_checkpoint
 

@@ -65,6 +65,9 @@ def quantize_cmd(
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="--mode qat: batch size.")] = 128,
     amp: Annotated[bool, typer.Option(help="--mode qat: mixed precision on CUDA.")] = True,
     device: Annotated[str, typer.Option(help="--mode qat: auto, cpu, cuda or cuda:N.")] = "auto",
+    data_path: Annotated[str, typer.Option("--data-path", help="--mode qat: fast (decoded tensors, augmented per "
+                                           "batch), pil or auto (fast for small images that fit in memory).")
+                         ] = "auto",
     seed: SeedOpt = 0,
     json_: JsonOpt = False,
 ) -> None:

@@ -12,6 +12,7 @@ from resopt.cli.common import (
     BatchSizeOpt,
     ChannelsLastOpt,
     DataOpt,
+    DataPathOpt,
     DeviceOpt,
     EpochsOpt,
     JsonOpt,
@@ -23,6 +24,7 @@ from resopt.cli.common import (
     OptimizerOpt,
     ResumeOpt,
     SeedOpt,
+    TimeBudgetOpt,
     ValSplitOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -39,6 +41,7 @@ def train_cmd(
     output: Annotated[Path, typer.Option("--output", "-o", help="Checkpoint to write (.pt).")] = Path("model.pt"),
     arch: Annotated[str, typer.Option("--arch", "-a", help="Architecture (see `resopt info --archs`).")] = "resnet20",
     epochs: EpochsOpt = 30,
+    time_budget: TimeBudgetOpt = None,
     batch_size: BatchSizeOpt = 128,
     lr: LrOpt = None,
     optimizer: OptimizerOpt = "sgd",
@@ -57,6 +60,7 @@ def train_cmd(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    data_path: DataPathOpt = "auto",
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -76,8 +80,8 @@ def train_cmd(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
-                      device=device, workers=workers)
-    result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed), cfg, output, width=width,
+                      device=device, workers=workers, time_budget=time_budget)
+    result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg, output, width=width,
                          pretrained=pretrained, input_size=input_size, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)
 
@@ -88,5 +92,6 @@ def _render(d: dict[str, Any]) -> Any:
         (f"best {d['eval_split']} top-1", f"{d['top1']:.2f}% (epoch {d['best_epoch']})"),
         (f"best {d['eval_split']} top-5", f"{d['top5']:.2f}%"),
         ("images", f"{d['train_images']} train / {d['eval_images']} eval"),
-        ("time", f"{d['train_seconds']:.1f}s ({d['train_images_per_sec']:.0f} img/s on {d['device']})"),
+        ("time", f"{d['train_seconds']:.1f}s, {d['epochs']} epochs ({d['train_images_per_sec']:.0f} img/s on "
+                 f"{d['device']}, {d['data_path']} data path)"),
     ])

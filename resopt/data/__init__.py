@@ -22,7 +22,7 @@ from resopt.errors import DataError, UsageError
 
 if TYPE_CHECKING:
     import torch
-    from torch.utils.data import DataLoader, Dataset
+    from torch.utils.data import Dataset
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 KNOWN_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
@@ -328,10 +328,18 @@ def default_workers(n_items: int) -> int:
 
 
 def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool, seed: int = 0, workers: int | None = None,
-                drop_last: bool = False, sampler: Any = None) -> DataLoader:
+                drop_last: bool = False, sampler: Any = None, device: Any = "cpu") -> Any:
+    """A DataLoader, or for decoded images (the fast path) their ``TensorBatches`` on ``device``; a
+    ``DistributedSampler`` given as ``sampler`` decides the shard (its rank and world size)."""
     import torch
     from torch.utils.data import DataLoader
 
+    from resopt.data.decoded import DecodedImages, TensorBatches
+
+    if isinstance(dataset, DecodedImages):
+        rank, world = (sampler.rank, sampler.num_replicas) if sampler is not None else (0, 1)
+        return TensorBatches(dataset, batch_size, shuffle=shuffle, seed=seed, device=device, rank=rank,
+                             world_size=world, drop_last=drop_last or bool(getattr(sampler, "drop_last", False)))
     n_workers = default_workers(len(dataset)) if workers is None else workers  # type: ignore[arg-type]
     gen = torch.Generator()
     gen.manual_seed(seed)

@@ -176,13 +176,13 @@ def _load_parent(path: Path) -> tuple[nn.Module, dict[str, Any]]:
     return load_model(Path(path))
 
 
-def _prepare(data: DataOptions, ckpt: dict[str, Any], name: str) -> Any:
+def _prepare(data: DataOptions, ckpt: dict[str, Any], name: str, *, device: str = "auto") -> Any:
     from resopt.artifacts import checkpoint_preprocess
     from resopt.data import check_classes
     from resopt.train import prepare_data
 
     # The parent's preprocessing, never recomputed: the pruned model must see what its parent saw.
-    prepared = prepare_data(data, preprocess=checkpoint_preprocess(ckpt))
+    prepared = prepare_data(data, preprocess=checkpoint_preprocess(ckpt), device=device)
     check_classes(ckpt["classes"], prepared.classes, model_name=name, data=data.data)
     if prepared.eval is None:
         raise DataError(f"data {data.data} has no test/ split to measure top-1 on",
@@ -194,7 +194,9 @@ def _decoded(dataset: Any, input_size: int, *, max_bytes: int = 512 * 2**20) -> 
     """``dataset`` as tensors in memory when they fit in ``max_bytes``: pruning evaluates the same
     images several times (parent, pruned, every fine-tuning epoch and step), and decoding JPEGs costs
     more than running a small network on them."""
-    if len(dataset) * 3 * input_size * input_size * 4 > max_bytes:
+    from resopt.data.decoded import DecodedImages
+
+    if isinstance(dataset, DecodedImages) or len(dataset) * 3 * input_size * input_size * 4 > max_bytes:
         return dataset
     from torch.utils.data import TensorDataset
 
@@ -253,7 +255,9 @@ def prune_checkpoint(
     ft_cfg = replace(train, epochs=max(1, cfg.finetune_epochs))
     ft_cfg.validate()
     pre = checkpoint_preprocess(ckpt)
-    prepared = _prepare(data, ckpt, model_path.name)
+    # Without fine-tuning the training split is never read: no reason to decode it.
+    prepared = _prepare(data if cfg.finetune_epochs > 0 else replace(data, data_path="pil"), ckpt,
+                        model_path.name, device=train.device)
     prepared.eval = _decoded(prepared.eval, pre.input_size)
     loss_fn = None
     if cfg.teacher is not None:
@@ -298,7 +302,8 @@ def prune_checkpoint(
             "teacher": None if cfg.teacher is None else str(cfg.teacher),
             **({"alpha": cfg.alpha, "temperature": cfg.temperature} if cfg.teacher else {}),
             "data": data.data, "limit_per_class": data.limit_per_class, "val_split": data.val_split,
-            **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"}, **(options or {})}
+            "data_path": data.data_path, **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"},
+            **(options or {})}
     extra = {"teacher": Path(cfg.teacher)} if cfg.teacher is not None else None
     # The fine-tuning curves (every fine-tune, in order) travel in the lineage for `resopt report`.
     history = [row for f in result.fits for row in f.history]
@@ -386,7 +391,8 @@ def analyze_checkpoint(
     if not ratios or any(not 0.0 < r < 1.0 for r in ratios):
         raise UsageError(f"--analyze-ratios must be fractions in (0, 1), got {', '.join(map(str, ratios))}")
     model, ckpt = _load_parent(Path(model_path))
-    prepared = _prepare(data, ckpt, Path(model_path).name)
+    # Only the evaluation images are used (stacked below): no reason to decode the training split.
+    prepared = _prepare(replace(data, data_path="pil"), ckpt, Path(model_path).name)
     from torch.utils.data import Subset
 
     targets = targets_of(prepared.eval)

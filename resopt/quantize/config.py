@@ -62,6 +62,7 @@ class QatOptions:
     batch_size: int = 128
     amp: bool = True
     device: str = "auto"
+    data_path: str = "auto"  # the fine-tuning's data path (train's --data-path)
 
     def validate(self, cfg: QuantizeConfig) -> None:
         if cfg.data is None:

@@ -330,7 +330,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
 
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
-        data = prepare_data(DataOptions(data_spec, cfg.limit_per_class, None, cfg.seed), preprocess=pre)
+        qat_opts = cfg.mode_options(QatOptions)
+        data = prepare_data(DataOptions(data_spec, cfg.limit_per_class, None, cfg.seed, qat_opts.data_path),
+                            preprocess=pre, device=train_cfg.device)
         from resopt.data import check_classes
 
         check_classes(classes, data.classes, model_name=str(checkpoint), data=data_spec)
@@ -354,12 +356,14 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
                                  "seed": cfg.seed, "calib_preprocess": pre.to_dict(),
                                  "train": {k: getattr(train_cfg, k) for k in ("epochs", "batch_size", "lr",
                                                                              "optimizer", "weight_decay", "amp",
-                                                                             "seed")}})
+                                                                             "seed")},
+                                 "data_path": fitted.data_path})
         produced.metrics.update({"top1_fp32": fp32_acc[0], "top1_ptq": round(top1_ptq, 3),
                                  "top1_qat_fakequant": round(fq_top1, 3)})
         produced.extra["qat"] = {"top1_fp32": fp32_acc[0], "top1_ptq": round(top1_ptq, 3),
                                  "top1_qat_fakequant": round(fq_top1, 3), "epochs": train_cfg.epochs,
-                                 "best_epoch": fitted.best_epoch, "train_seconds": round(fitted.seconds, 1)}
+                                 "best_epoch": fitted.best_epoch, "train_seconds": round(fitted.seconds, 1),
+                                 "data_path": fitted.data_path}
         produced.excluded = cfg.exclude
         return verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
 

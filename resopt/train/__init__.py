@@ -57,6 +57,7 @@ class DataOptions:
     limit_per_class: int | None = None
     val_split: float | None = None  # hold out this fraction of train; else evaluate on the test split
     seed: int = 0
+    data_path: str = "auto"  # fast (decoded tensors), pil (a DataLoader over PIL transforms) or auto
 
 
 @dataclass
@@ -84,22 +85,29 @@ class PreparedData:
     classes: list[str]
     preprocess: Preprocess
     eval_split: str
+    data_path: str = "pil"  # the path taken: "fast" (decoded tensors) or "pil"
 
 
 def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, input_size: int | None = None,
-                 arch_default_size: int = 32) -> PreparedData:
-    """Resolve ``--data`` into train/eval datasets with augmentation; decide preprocessing if not given."""
+                 arch_default_size: int = 32, device: str = "auto") -> PreparedData:
+    """Resolve ``--data`` into train/eval datasets with augmentation; decide preprocessing if not given.
+
+    Small images take the fast path (decoded once into tensors, ``data.decoded``) when ``opts.data_path``
+    asks for it, or by default when they fit in memory (on ``device`` when that is a GPU)."""
     from resopt.data import (
-        classes_of,
         compute_normalization,
         decide_input_size,
         eval_transform,
         limit_per_class,
         resolve_data,
-        split_validation,
         train_transform,
     )
+    from resopt.data.decoded import DATA_PATHS, choose_data_path, decode_images, decode_transform, fast_path_applies
 
+    if opts.data_path not in DATA_PATHS:
+        from resopt.errors import choice_error
+
+        raise choice_error("data-path", opts.data_path, DATA_PATHS)
     source = resolve_data(opts.data)
     if source.kind == "folder" and source.train_dir is None:
         from resopt.errors import DataError
@@ -110,27 +118,47 @@ def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, inp
         raw = limit_per_class(source.dataset("train"), opts.limit_per_class, seed=opts.seed)
         mean, std = compute_normalization(raw, seed=opts.seed)
         preprocess = Preprocess(input_size=size, mean=mean, std=std, resize=resize)
-    train_full = source.dataset("train", train_transform(preprocess))
+    main = int(os.environ.get("RANK", "0")) == 0
+    if opts.data_path == "fast" or (opts.data_path == "auto" and fast_path_applies(preprocess)):
+        decode = decode_transform(preprocess)
+        train_set, eval_set, classes, split = _splits(source, opts, decode, decode)
+        n = len(train_set) + (len(eval_set) if eval_set is not None else 0)  # type: ignore[arg-type]
+        # Raises for --data-path fast on large images; auto falls back to PIL when over the memory budget.
+        choice = choose_data_path(opts.data_path, preprocess, n, device=resolve_device(device))
+        if choice.path == "fast":
+            if main:
+                log(f"data path: fast ({choice.reason}; decoding once, augmenting per batch)")
+            train = decode_images(train_set, preprocess, classes, augment=True, what="train")
+            ev = decode_images(eval_set, preprocess, classes, augment=False, what=split) \
+                if eval_set is not None else None
+            return PreparedData(train, ev, classes, preprocess, split, "fast")
+        if main:
+            log(f"data path: pil ({choice.reason})")
+    train_set, eval_set, classes, split = _splits(source, opts, train_transform(preprocess),
+                                                  eval_transform(preprocess))
+    return PreparedData(train_set, eval_set, classes, preprocess, split, "pil")
+
+
+def _splits(source: Any, opts: DataOptions, train_tf: Any, eval_tf: Any) -> tuple[
+        Dataset, Dataset | None, list[str], str]:
+    """(train, eval, classes, eval split name) of ``source`` with these transforms, limited and split."""
+    from resopt.data import check_split_classes, classes_of, limit_per_class, split_validation
+
+    train_full = source.dataset("train", train_tf)
     classes = classes_of(train_full)
     train_full = limit_per_class(train_full, opts.limit_per_class, seed=opts.seed)
     eval_set: Dataset | None
     if opts.val_split:
-        eval_full = source.dataset("train", eval_transform(preprocess))
+        eval_full = source.dataset("train", eval_tf)
         eval_full = limit_per_class(eval_full, opts.limit_per_class, seed=opts.seed)
         train_set, _ = split_validation(train_full, opts.val_split, seed=opts.seed)
         _, eval_set = split_validation(eval_full, opts.val_split, seed=opts.seed)
-        split = "val"
-    else:
-        train_set = train_full
-        eval_set = source.dataset("test", eval_transform(preprocess)) if source.test_dir or \
-            source.kind == "torchvision" else None
-        if eval_set is not None:
-            from resopt.data import check_split_classes
-
-            check_split_classes(classes, classes_of(eval_set), data=opts.data)
-            eval_set = limit_per_class(eval_set, opts.limit_per_class, seed=opts.seed)
-        split = "test" if eval_set is not None else "none"
-    return PreparedData(train_set, eval_set, classes, preprocess, split)
+        return train_set, eval_set, classes, "val"
+    eval_set = source.dataset("test", eval_tf) if source.test_dir or source.kind == "torchvision" else None
+    if eval_set is not None:
+        check_split_classes(classes, classes_of(eval_set), data=opts.data)
+        eval_set = limit_per_class(eval_set, opts.limit_per_class, seed=opts.seed)
+    return train_full, eval_set, classes, "test" if eval_set is not None else "none"
 
 
 def train_model(
@@ -153,12 +181,13 @@ def train_model(
     resolve_device(cfg.device)  # fail before the data is read, not after
     output = check_output_path(Path(output), data.data, suffixes=(".pt", ".pth"))
     check_output_path(resume_path_for(output), data.data, option="resume file")
-    prepared = prepare_data(data, input_size=input_size, arch_default_size=spec.default_input_size)
+    prepared = prepare_data(data, input_size=input_size, arch_default_size=spec.default_input_size,
+                            device=cfg.device)
     pre = prepared.preprocess
     if pretrained:
         # ImageNet weights expect ImageNet statistics, not the ones measured on this data.
         pre = replace(pre, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
-        prepared = prepare_data(data, preprocess=pre)
+        prepared = prepare_data(data, preprocess=pre, device=cfg.device)
     seed_everything(cfg.seed)
     model = build_model(arch, len(prepared.classes), width=width, pretrained=pretrained)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -171,7 +200,8 @@ def train_model(
     macs = count_macs(model, pre.input_size)
     metrics = {**result.metrics(), "eval_split": prepared.eval_split, "params": params, "macs": macs}
     opts = {"arch": arch, "width": width, "pretrained": pretrained, "data": data.data,
-            "limit_per_class": data.limit_per_class, "val_split": data.val_split, **asdict(cfg),
+            "limit_per_class": data.limit_per_class, "val_split": data.val_split, "data_path": data.data_path,
+            **asdict(cfg),
             **(options or {})}
     ckpt = make_checkpoint(arch=arch, arch_kwargs={"width": width}, state_dict=model.state_dict(),
                            classes=prepared.classes, preprocess=pre,

@@ -47,6 +47,8 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
+    time_budget: float | None = None  # seconds; see fit
+
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -61,6 +63,8 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0:
             raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.time_budget is not None and not 0 < self.time_budget < math.inf:
+            raise UsageError(f"--time-budget must be a positive number of seconds, got {self.time_budget}")
 
     def base_lr(self) -> float:
         if self.lr is not None:
@@ -86,12 +90,14 @@ class FitResult:
     images_per_sec: float = 0.0
     device: str = "cpu"
     world_size: int = 1
+    data_path: str = "pil"  # "fast" when the training set was a decoded tensor (data.decoded)
+    epochs: int = 0  # epochs trained (fewer than asked when a time budget ended training)
 
     def metrics(self) -> dict[str, Any]:
         return {"top1": round(self.best_top1, 3), "top5": round(self.best_top5, 3),
                 "best_epoch": self.best_epoch, "train_seconds": round(self.seconds, 1),
                 "train_images_per_sec": round(self.images_per_sec, 1), "device": self.device,
-                "world_size": self.world_size}
+                "world_size": self.world_size, "data_path": self.data_path, "epochs": self.epochs}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -143,7 +149,7 @@ def evaluate(model: nn.Module, loader: Any, device: torch.device, *, dist: _Dist
                 images = images.contiguous(memory_format=torch.channels_last)
             logits = model(images).float()
             loss = F.cross_entropy(logits, labels.to(device)).item()
-            acc.update(logits.cpu().numpy(), labels.numpy(), loss)
+            acc.update(logits.cpu().numpy(), labels.cpu().numpy(), loss)
     if dist is not None and dist.world_size > 1:
         import torch.distributed as tdist
 
@@ -200,6 +206,7 @@ def fit(
     from torch.utils.data.distributed import DistributedSampler
 
     from resopt.data import make_loader
+    from resopt.data.decoded import DecodedImages
 
     cfg.validate()
     device = resolve_device(cfg.device)
@@ -217,12 +224,14 @@ def fit(
     sampler: Any = DistributedSampler(train_set, shuffle=True, seed=cfg.seed, drop_last=True) \
         if dist.world_size > 1 else None
     train_loader = make_loader(train_set, cfg.batch_size, shuffle=True, seed=cfg.seed, workers=cfg.workers,
-                               drop_last=len(train_set) > cfg.batch_size, sampler=sampler)  # type: ignore
+                               drop_last=len(train_set) > cfg.batch_size, sampler=sampler,  # type: ignore
+                               device=device)
     eval_loader = None
     if eval_set is not None:
         eval_sampler: Any = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
         eval_loader = make_loader(eval_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
-                                  sampler=eval_sampler)
+                                  sampler=eval_sampler, device=device)
+    data_path = "fast" if isinstance(train_set, DecodedImages) else "pil"
 
     net: nn.Module = model
     if dist.world_size > 1:
@@ -232,10 +241,12 @@ def fit(
 
     optimizer = _make_optimizer(model, cfg)
     steps_per_epoch = max(1, len(train_loader))
-    total_steps = cfg.epochs * steps_per_epoch
+    # planned["epochs"] is cfg.epochs, or under a time budget the estimate made after the first epoch;
+    # the cosine schedule reads it at every step, so it decays to zero at the planned end.
+    planned = {"epochs": cfg.epochs}
     warmup_steps = int(cfg.warmup_epochs * steps_per_epoch) if cfg.epochs > 1 else 0
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: _cosine_with_warmup(s, total_steps, warmup_steps))
+        optimizer, lambda s: _cosine_with_warmup(s, planned["epochs"] * steps_per_epoch, warmup_steps))
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     if loss_fn is None:
@@ -264,6 +275,7 @@ def fit(
             raise InputFileError(f"resume state {resume_path} does not fit this model "
                                  f"({str(e).splitlines()[0][:120]})", hint=start_over) from None
         start_epoch, history = int(state["epoch"]), list(state["history"])
+        planned["epochs"] = int(state.get("planned_epochs", cfg.epochs))
         best = {"top1": state["best_top1"], "top5": state["best_top5"], "epoch": state["best_epoch"],
                 "state": state["best_state"]}
         torch.set_rng_state(state["rng_cpu"])
@@ -276,11 +288,14 @@ def fit(
     t_start = time.perf_counter()
     images_seen = 0
     for epoch in range(start_epoch, cfg.epochs):
+        if epoch >= planned["epochs"]:
+            break
         if sampler is not None:
             sampler.set_epoch(epoch)
         net.train()
         train_acc = TopK()
         t_epoch = time.perf_counter()
+        epoch_images = 0
         with progress(f"{description} epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch) as bar:
             for images, labels in train_loader:
                 images = images.to(device, non_blocking=True)
@@ -302,12 +317,15 @@ def fit(
                                      hint="lower --lr")
                 train_acc.update(logits.detach().float().cpu().numpy(), labels.cpu().numpy(), loss.item())
                 images_seen += len(labels) * dist.world_size
+                epoch_images += len(labels) * dist.world_size
                 bar.advance(1, loss=train_acc.loss)
         for h in hooks:
             if hasattr(h, "on_epoch_end"):
                 h.on_epoch_end(model, epoch)
+        train_seconds = time.perf_counter() - t_epoch
         row = {"epoch": epoch + 1, "loss": round(train_acc.loss, 4), "train_top1": round(train_acc.top1, 2),
-               "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.perf_counter() - t_epoch, 2)}
+               "lr": optimizer.param_groups[0]["lr"], "seconds": round(train_seconds, 2),
+               "images_per_sec": round(epoch_images / train_seconds, 1) if train_seconds > 0 else 0.0}
         if eval_loader is not None:
             acc = evaluate(model, eval_loader, device, dist=dist, channels_last=channels_last)
             row.update({"top1": round(acc.top1, 3), "top5": round(acc.top5, 3)})
@@ -317,13 +335,16 @@ def fit(
         else:
             best = {"top1": train_acc.top1, "top5": train_acc.top5, "epoch": epoch + 1, "state": None}
         history.append(row)
+        if cfg.time_budget is not None:
+            _plan_epochs(planned, cfg, epoch, start_epoch, time.perf_counter() - t_start, dist.world_size)
         if dist.main:
             eval_txt = f"  top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%" if "top1" in row else ""
-            log(f"{description} epoch {epoch + 1}/{cfg.epochs}  loss {row['loss']:.4f}  "
-                f"train {row['train_top1']:.1f}%{eval_txt}  {row['seconds']:.1f}s")
+            log(f"{description} epoch {epoch + 1}/{planned['epochs']}  loss {row['loss']:.4f}  "
+                f"train {row['train_top1']:.1f}%{eval_txt}  {row['seconds']:.1f}s  "
+                f"{row['images_per_sec']:.0f} img/s")
             if resume_path is not None:
                 _save_resume_state(resume_path, cfg, model, optimizer, scheduler, epoch + 1, history, best,
-                                   train_loader.generator)  # type: ignore[arg-type]
+                                   train_loader.generator, planned["epochs"])  # type: ignore[arg-type]
 
     seconds = time.perf_counter() - t_start
     if best["state"] is not None:
@@ -338,7 +359,32 @@ def fit(
     return FitResult(best_top1=float(best["top1"]), best_top5=float(best["top5"]), best_epoch=int(best["epoch"]),
                      last=last, history=history, seconds=seconds,
                      images_per_sec=images_seen / seconds if seconds > 0 else 0.0,
-                     device=str(device), world_size=dist.world_size)
+                     device=str(device), world_size=dist.world_size, data_path=data_path, epochs=len(history))
+
+
+def _plan_epochs(planned: dict[str, int], cfg: TrainConfig, epoch: int, start_epoch: int, elapsed: float,
+                 world_size: int) -> None:
+    """Under ``--time-budget``: after the first epoch of this run, plan as many epochs as its duration
+    (evaluation included) says fit in the budget (at most ``--epochs``), so the cosine schedule ends where
+    training ends; after any later epoch, stop if the budget is spent (the estimate was too short)."""
+    assert cfg.time_budget is not None
+    done = epoch + 1
+    if epoch == start_epoch:
+        per_epoch = elapsed / (done - start_epoch)
+        fit_epochs = int((cfg.time_budget - elapsed) // per_epoch) + done if elapsed < cfg.time_budget else done
+        planned["epochs"] = max(done, min(cfg.epochs, fit_epochs))
+    elif elapsed >= cfg.time_budget:
+        planned["epochs"] = done
+    if world_size > 1:
+        # Every process must stop after the same epoch: take rank 0's plan.
+        import torch
+        import torch.distributed as tdist
+
+        t = torch.tensor([planned["epochs"]], dtype=torch.int64)
+        if tdist.get_backend() == "nccl":
+            t = t.cuda()
+        tdist.broadcast(t, src=0)
+        planned["epochs"] = int(t.item())
 
 
 def _config_key(cfg: TrainConfig) -> dict[str, Any]:
@@ -349,13 +395,15 @@ def _config_key(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _save_resume_state(path: Path, cfg: TrainConfig, model: nn.Module, optimizer: Any, scheduler: Any,
-                       epoch: int, history: list[dict[str, float]], best: dict[str, Any], gen: Any) -> None:
+                       epoch: int, history: list[dict[str, float]], best: dict[str, Any], gen: Any,
+                       planned_epochs: int) -> None:
     import torch
 
     state = {"config": _config_key(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "epoch": epoch, "history": history,
              "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
-             "best_state": best["state"], "rng_cpu": torch.get_rng_state(), "rng_loader": gen.get_state()}
+             "best_state": best["state"], "rng_cpu": torch.get_rng_state(), "rng_loader": gen.get_state(),
+             "planned_epochs": planned_epochs}
     with atomic_output(path) as tmp:
         torch.save(state, tmp)
 
