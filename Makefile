@@ -7,7 +7,7 @@ RESOPT := $(VENV)/bin/resopt
 ARGS ?=
 STAMP := $(VENV)/.installed-$(shell sha256sum pyproject.toml | cut -c1-12)
 
-.PHONY: setup demo test test-fast lint bench-cpu bench-prune bench-quant bench-gpu clean
+.PHONY: setup demo test test-fast lint bench-cpu bench-prune bench-quant bench-gpu gpu-proof-prepare gpu-proof clean
 
 # A virtual environment with resopt and its dev tools. torchvision is left unpinned in pyproject.toml so
 # pip installs the torch it was built for.
@@ -44,6 +44,14 @@ bench-quant: setup
 
 bench-gpu: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" $(PY) scripts/bench_gpu.py $(ARGS)
+
+# The GPU proof (README "GPU proof"): fill .carry/ here (wheels for the GPU machine's Python, the CIFAR-10
+# archive), then run the script there; no setup step, since the GPU machine has no network.
+gpu-proof-prepare:
+	bash scripts/gpu_proof_prepare.sh
+
+gpu-proof:
+	bash scripts/gpu_proof.sh
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
