@@ -217,6 +217,10 @@ def fit(
     amp_dtype = None
     if cfg.amp and use_cuda:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if use_cuda:
+        # Every batch has the same shape: cuDNN's autotuner pays for itself after a few steps (runs on a GPU
+        # are then not bit-reproducible; the same-seed guarantee is for CPU).
+        torch.backends.cudnn.benchmark = True
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
