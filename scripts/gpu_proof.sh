@@ -36,11 +36,12 @@ STEPS="$WORK/steps"
 mkdir -p "$STEPS"
 : > "$LOG"
 say() { echo "[gpu-proof +$(( $(date +%s) - T0 ))s] $*" | tee -a "$LOG" >&2; }
-# step NAME CMD...: run a resopt command, its JSON to steps/NAME.json, its stderr appended to the log.
+# step NAME CMD...: run a resopt command, its JSON to steps/NAME.json, its stderr (the epoch lines with their
+# img/s, for one) appended to the log and shown as it comes.
 step() {
     local name=$1; shift
     echo "=== $name: resopt $*" >> "$LOG"
-    if ! "$PY" -m resopt "$@" --json > "$STEPS/$name.json" 2>> "$LOG"; then
+    if ! "$PY" -m resopt "$@" --json > "$STEPS/$name.json" 2> >(tee -a "$LOG" >&2); then
         say "step $name failed (see $LOG)"; tail -5 "$LOG" >&2; pack; exit 1
     fi
 }
