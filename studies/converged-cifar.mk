@@ -1,5 +1,6 @@
-# converged-cifar: resopt's own headline, on converged models. The published ResNet-20 and ResNet-56
-# (akamaster/pytorch_resnet_cifar10, BSD-2-Clause) are imported, adapted to the JPEG compression of the
+# converged-cifar: resopt's headline on converged models: published ResNet-20/56 imported, adapted, pruned to 70/50/35% MACs, INT8, on ORT and OpenVINO.
+#
+# The published ResNet-20 and ResNet-56 (akamaster/pytorch_resnet_cifar10, BSD-2-Clause) are imported, adapted to the JPEG compression of the
 # shared CIFAR-10 by a short self-distilled fine-tune on its train split, pruned to about 70/50/35% of their
 # MACs (global ranking, widths rounded to 8) with fine-tuning distilled from the adapted parent, quantized to
 # INT8, and all benched in one run on onnxruntime and OpenVINO on the whole test split.

@@ -6,7 +6,7 @@
 # pretrained and a from-scratch student. Columns: top-1, top-5, size, params, non-zero params, CPU latency.
 # SCALE=full is the original: ImageNet (IMAGENET=/path with train/ and val-as-test/), full widths,
 # torchvision-pretrained students (needs network once), TensorRT FP32/FP16 rows on a GPU.
-# SCALE=cpu: the ImageNet-stem ResNet-18/50 at half width on 32x32 CIFAR-10 (300 train / 100 test images per
+# SCALE=cpu: the ImageNet-stem ResNet-18/50 at quarter width on 32x32 CIFAR-10 (300 train / 100 test images per
 # class, 8 epochs): the methods' relative effect, not ImageNet accuracy; the "pretrained" student is the
 # ResNet-18 trained here; TensorRT needs a GPU, so its rows are absent.
 STUDY := methods-matrix
@@ -20,7 +20,7 @@ DATA = $(IMAGENET)
 DATA_DEP :=
 endif
 
-WIDTH := $(call pick,0.25,0.5,1)
+WIDTH := $(call pick,0.25,0.25,1)
 EPOCHS := $(call pick,1,8,90)
 FT_EPOCHS := $(call pick,1,2,10)
 STEPS := $(call pick,2,3,5)
