@@ -30,8 +30,10 @@ INT8 := $(FP32:.onnx=.int8.onnx)
 BASE := $(W)/$(lastword $(MODELS)).onnx
 BENCHED := $(BASE) $(filter-out $(BASE),$(FP32)) $(INT8) $(MODELS:%=$(W)/%.import.onnx)
 BENCH_EXTRA := --runtime ort,openvino
-# The checkpoints link each ONNX file to its chain in the report.
+# The checkpoints link each ONNX file to its chain in the report; each chain is compared with its adapted FP32
+# model on onnxruntime.
 REPORTED := $(IMPORTED) $(ADAPTED) $(PRUNED)
+REPORT_EXTRA := $(foreach m,$(MODELS),--baseline $(W)/$(m).onnx)
 
 $(W)/r20.import.pt: $(R20_SRC) $(DATA_DEP)
 	mkdir -p $(W) && $(RESOPT) import $< $(NORM) --data $(DATA) -o $@

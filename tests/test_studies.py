@@ -70,7 +70,7 @@ def test_every_study_runs_end_to_end_at_smoke_scale(tmp_path: Path) -> None:
         assert (res / "plots").is_dir() and any((res / "plots").glob("*.png")), s
         commands = (res / "commands.txt").read_text()
         assert "resopt bench" in commands or "-m resopt bench" in commands, s
-        assert json.loads((res / "machine.json").read_text())
+        assert not (res / "machine.json").exists()  # the machine is recorded for committed (cpu) results only
         # The dependencies are complete: a second run has nothing to do.
         q = _make("-q", "-f", f"{s}.mk", "all", "SCALE=smoke", f"WORK={work}")
         assert q.returncode == 0, f"{s} is not up to date after a full run: {q.stdout[-500:]}"
