@@ -585,8 +585,10 @@ def test_non_regular_file_is_refused_not_read(good, tmp_path, target, command):
 
 def _start_train(data: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-m", "resopt", "train", "-d", str(data), "--epochs", "500",
-                             "--width", "0.25", "-b", "8", "-o", "t.pt"], cwd=cwd, env=env,
+    # Long enough to be interrupted: the per-image (PIL) data path and epochs to spare (the fast path runs an
+    # epoch of these few images in milliseconds, and 500 of them ended before the signal came).
+    return subprocess.Popen([sys.executable, "-m", "resopt", "train", "-d", str(data), "--epochs", "100000",
+                             "--data-path", "pil", "--width", "0.25", "-b", "8", "-o", "t.pt"], cwd=cwd, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

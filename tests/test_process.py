@@ -237,8 +237,11 @@ def test_interrupted_training_leaves_the_old_output_and_only_its_resume_state(da
     out.write_bytes(SENTINEL)
     base = {k: v for k, v in os.environ.items() if k != "RESOPT_DEBUG"}
     base["PYTHONPATH"] = str(REPO)
+    # Epochs to spare and the per-image data path: the fast path finished 200 epochs of these few images
+    # before the signal came.
     proc = subprocess.Popen([sys.executable, "-m", "resopt", "train", "--arch", "resnet20", "--width", "0.25",
-                             "--epochs", "200", "--batch-size", "16", "--data", str(data["tiny"]), "-o", str(out)],
+                             "--epochs", "100000", "--data-path", "pil", "--batch-size", "16", "--data",
+                             str(data["tiny"]), "-o", str(out)],
                             cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     resume = tmp_path / "out.pt.resume"
     deadline = time.monotonic() + 240
