@@ -62,6 +62,17 @@ $(D)/.ready: $(if $(filter smoke,$(SCALE)),,$(WORK)/data/cifar10/.unpacked)
 
 DATA := $(D)
 DATA_DEP := $(D)/.ready
+# At SCALE=full a study may read another data set (FULL_DATA, set before the include); the ImageNet studies
+# (NEEDS_IMAGENET := 1) read IMAGENET.
+ifeq ($(SCALE)$(NEEDS_IMAGENET),full1)
+FULL_DATA = $(or $(IMAGENET),$(error SCALE=full needs IMAGENET=/path/to/imagenet (ImageFolder with train/ and test/)))
+endif
+ifeq ($(SCALE),full)
+ifneq ($(FULL_DATA),)
+DATA := $(FULL_DATA)
+DATA_DEP :=
+endif
+endif
 
 # ---- the steps every study shares -------------------------------------------------------------------------
 # Export verifies against PyTorch on the data in the checkpoint's lineage.

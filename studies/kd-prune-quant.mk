@@ -10,12 +10,8 @@ STUDY := kd-prune-quant
 TITLE := kd-prune-quant: ResNet-50 -> ResNet-18 -> 5% L2 pruning -> INT8/FP16
 TRAIN_PER_CLASS = $(call pick,10,300,0)
 TEST_PER_CLASS = $(call pick,10,100,0)
+NEEDS_IMAGENET := 1
 include $(dir $(lastword $(MAKEFILE_LIST)))common.mk
-ifeq ($(SCALE),full)
-IMAGENET ?= $(error SCALE=full needs IMAGENET=/path/to/imagenet (ImageFolder with train/ and test/))
-DATA = $(IMAGENET)
-DATA_DEP :=
-endif
 
 TEACHER_WIDTH := $(call pick,0.25,0.5,1)
 STUDENT_WIDTH := $(call pick,0.25,1,1)

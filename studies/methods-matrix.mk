@@ -15,12 +15,8 @@ STUDY := methods-matrix
 TITLE := methods-matrix: ResNet-50 and ResNet-18, every method
 TRAIN_PER_CLASS = $(call pick,10,200,0)
 TEST_PER_CLASS = $(call pick,10,100,0)
+NEEDS_IMAGENET := 1
 include $(dir $(lastword $(MAKEFILE_LIST)))common.mk
-ifeq ($(SCALE),full)
-IMAGENET ?= $(error SCALE=full needs IMAGENET=/path/to/imagenet (ImageFolder with train/ and test/))
-DATA = $(IMAGENET)
-DATA_DEP :=
-endif
 
 WIDTH := $(call pick,0.25,0.25,1)
 EPOCHS := $(call pick,1,6,90)

@@ -10,12 +10,9 @@ STUDY := pruning-effects
 TITLE := pruning-effects: L1 / SFP / unstructured on plain, depthwise and SE ResNets
 TRAIN_PER_CLASS = $(call pick,10,400,0)
 TEST_PER_CLASS = $(call pick,10,100,0)
-include $(dir $(lastword $(MAKEFILE_LIST)))common.mk
-ifeq ($(SCALE),full)
 DATA100 ?= cifar100
-DATA = $(DATA100)
-DATA_DEP :=
-endif
+FULL_DATA = $(DATA100)
+include $(dir $(lastword $(MAKEFILE_LIST)))common.mk
 
 DEPTH := $(call pick,20,20,56)
 EPOCHS := $(call pick,1,10,160)
