@@ -24,7 +24,7 @@ FT_EPOCHS := $(call pick,1,2,10)
 STEPS := $(call pick,2,2,5)
 BATCH := $(call pick,32,64,256)
 PRETRAINED := $(if $(filter full,$(SCALE)),--pretrained,)
-MODELS := r18 r50
+MODELS := $(call pick,r18,r18 r50,r18 r50)
 LEVELS := 50 75 90
 # smoke runs each kind of step once (on ResNet-18): seconds per step, so the pipeline cannot rot.
 COMPRESSED := $(call pick,r18,$(MODELS),$(MODELS))
@@ -38,7 +38,8 @@ VARIANTS_r50 := $(call pick,,s75 si75 u75 ui75 s24,$(ALL_VARIANTS))
 PRUNED := $(foreach m,$(COMPRESSED),$(VARIANTS_$(m):%=$(W)/$(m).%.pt))
 QUANT := $(foreach m,$(COMPRESSED),$(call pick,,$(W)/$(m).int8.onnx,$(W)/$(m).int8.onnx) $(W)/$(m).int8pt.onnx \
   $(W)/$(m).qat.onnx $(W)/$(m).km256.onnx)
-DISTILLED := $(W)/r18.kd.pt $(W)/r18.kdscratch.pt
+# smoke leaves distillation to kd-prune-quant (from scratch) and converged-cifar (into a checkpoint).
+DISTILLED := $(call pick,,$(W)/r18.kd.pt $(W)/r18.kdscratch.pt,$(W)/r18.kd.pt $(W)/r18.kdscratch.pt)
 BENCHED := $(foreach m,$(MODELS),$(W)/$(m).onnx) $(PRUNED:.pt=.onnx) $(QUANT) $(DISTILLED:.pt=.onnx)
 REPORTED := $(foreach m,$(MODELS),$(W)/$(m).pt) $(PRUNED) $(DISTILLED)
 REPORT_EXTRA := $(foreach m,$(MODELS),--baseline $(W)/$(m).onnx)

@@ -583,13 +583,19 @@ def test_non_regular_file_is_refused_not_read(good, tmp_path, target, command):
     _check(r.returncode, r.stderr, 3, ("not a regular file",), before, _tree(tmp_path))
 
 
+def _default_sigint() -> None:
+    """A shell without job control starts background jobs with SIGINT ignored, and Python keeps it so: give
+    the child the default disposition, as a terminal's Ctrl-C would find it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_train(data: Path, cwd: Path) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     # Long enough to be interrupted: the per-image (PIL) data path and epochs to spare (the fast path runs an
     # epoch of these few images in milliseconds, and 500 of them ended before the signal came).
     return subprocess.Popen([sys.executable, "-m", "resopt", "train", "-d", str(data), "--epochs", "100000",
                              "--data-path", "pil", "--width", "0.25", "-b", "8", "-o", "t.pt"], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])

@@ -242,7 +242,10 @@ def test_interrupted_training_leaves_the_old_output_and_only_its_resume_state(da
     proc = subprocess.Popen([sys.executable, "-m", "resopt", "train", "--arch", "resnet20", "--width", "0.25",
                              "--epochs", "100000", "--data-path", "pil", "--batch-size", "16", "--data",
                              str(data["tiny"]), "-o", str(out)],
-                            cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # SIGINT as a terminal's Ctrl-C finds it, even when the suite runs as a background job
+                            # (which starts with SIGINT ignored, inherited by the child).
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     resume = tmp_path / "out.pt.resume"
     deadline = time.monotonic() + 240
     while not resume.exists() and time.monotonic() < deadline and proc.poll() is None:

@@ -64,7 +64,7 @@ def test_every_study_runs_end_to_end_at_smoke_scale(tmp_path: Path) -> None:
         res = work / s / "results"
         report = (res / "report.md").read_text()
         bench = json.loads((res / "bench.json").read_text())
-        assert len(bench["models"]) >= 3, s
+        assert len(bench["models"]) >= 2, s
         assert all(m["accuracy"]["top1"] is not None for m in bench["models"]), s
         assert "| 1 |" in report and "(SCALE=smoke)" in report, s
         assert (res / "plots").is_dir() and any((res / "plots").glob("*.png")), s
