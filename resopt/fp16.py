@@ -71,7 +71,8 @@ def _toposort(model: Any) -> None:
 
     The converter appends the casts of the kept-float32 inputs after the nodes that read them;
     onnxruntime sorts for itself, but ``onnx.checker`` (and so ``resopt info`` and ``report``) refuses
-    such a graph.
+    such a graph. onnx-graphsurgeon's ``toposort`` (which export uses) would round-trip the model and drop
+    its metadata, so the nodes are reordered in place instead.
     """
     nodes = list(model.graph.node)
     producer = {out: k for k, n in enumerate(nodes) for out in n.output if out}

@@ -104,6 +104,7 @@ def pruning_series(records: list[Record], metric: str) -> list[tuple[str, list[t
     by_sha = {r.sha256: r for r in records}
     float_rows = [r for r in records if _measured(r) and r.same_file_as is None and r.metric(metric) is not None
                   and nonzero(r) and not any(e.get("command") == "quantize" for e in r.lineage)]
+    float_shas = {r.sha256 for r in float_rows}
     by_lineage = {json.dumps(r.lineage[:-1], sort_keys=True, default=str): r for r in float_rows
                   if r.lineage and r.lineage[-1].get("command") == "export"}
     series: dict[str, list[tuple[float, float]]] = {}
@@ -116,7 +117,7 @@ def pruning_series(records: list[Record], metric: str) -> list[tuple[str, list[t
         opts = step.get("options") or {}
         # The parent as measured: the file pruned, or the measured export of it.
         src = (step.get("parent") or {}).get("sha256")
-        parent = by_sha.get(src) if src in by_sha and by_sha[src] in float_rows else \
+        parent = by_sha[src] if src in float_shas else \
             by_lineage.get(json.dumps(r.lineage[:k], sort_keys=True, default=str))
         if parent is None or not nonzero(parent):
             continue
