@@ -148,18 +148,16 @@ class DistillResult:
     student_macs: int
     fit: FitResult
     train_images: int
-    eval_images: int
-    eval_split: str
+    metrics: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
         return {"output": str(self.output), "teacher": str(self.teacher), "student_arch": self.student_arch,
-                "student_source": self.student_source, "teacher_top1": round(self.teacher_top1, 3),
-                "student_top1_before": None if self.student_top1_before is None
+                "student_source": self.student_source, "teacher_val_top1": round(self.teacher_top1, 3),
+                "student_val_top1_before": None if self.student_top1_before is None
                 else round(self.student_top1_before, 3),
                 "teacher_params": self.teacher_params, "teacher_macs": self.teacher_macs,
                 "student_params": self.student_params, "student_macs": self.student_macs,
-                "train_images": self.train_images, "eval_images": self.eval_images,
-                "eval_split": self.eval_split, **self.fit.metrics(), "history": self.fit.history}
+                "train_images": self.train_images, **self.metrics, "history": self.fit.history}
 
 
 def _is_checkpoint_arg(student: str) -> bool:
@@ -181,7 +179,7 @@ def distill_model(
     """Train ``student`` (an architecture name, from scratch, or a .pt) against ``teacher`` on ``data``."""
     from resopt.data import check_classes
     from resopt.models import build_model, count_macs, count_params, get_spec, load_model, model_widths
-    from resopt.train import fit, prepare_data, resume_path_for, seed_everything
+    from resopt.train import fit, measure_test, prepare_data, resume_path_for, seed_everything, split_metrics
 
     cfg.validate()
     dcfg.validate()
@@ -214,12 +212,9 @@ def distill_model(
         arch, arch_kwargs, pre = student, {"width": width}, t_pre
         model = None
 
-    prepared = prepare_data(data, preprocess=pre, device=cfg.device)
-    if prepared.eval is None:
-        from resopt.errors import DataError
-
-        raise DataError(f"data {data.data} has no test/ split to compare teacher and student on",
-                        hint="add --val-split 0.1 to hold out part of train/")
+    # The student keeps the validation split of its own lineage, else its teacher's.
+    lineage_of_split = (student_ckpt or {}).get("lineage") or t_ckpt.get("lineage")
+    prepared = prepare_data(data, preprocess=pre, device=cfg.device, lineage=lineage_of_split)
     check_classes(t_ckpt["classes"], prepared.classes, model_name=f"teacher {teacher.name}", data=data.data)
     t_model = load_teacher(teacher, classes=prepared.classes, preprocess=pre, data=data.data)
     if model is None:
@@ -230,26 +225,30 @@ def distill_model(
                       data=data.data)
 
     main = int(os.environ.get("RANK", "0")) == 0
-    teacher_top1 = model_top1(t_model, prepared.eval, cfg)
-    before = model_top1(model, prepared.eval, cfg) if student_ckpt is not None else None
+    teacher_top1 = model_top1(t_model, prepared.val, cfg)
+    before = model_top1(model, prepared.val, cfg) if student_ckpt is not None else None
     if main:
-        log(f"distilling {teacher.name} (top-1 {teacher_top1:.2f}%) into {arch}"
-            f"{'' if student_ckpt is None else f' from {Path(student).name} (top-1 {before:.2f}%)'} on "
-            f"{len(prepared.train)} images; alpha {dcfg.alpha}, temperature {dcfg.temperature}")  # type: ignore
-    result = fit(model, prepared.train, prepared.eval, cfg,
+        log(f"distilling {teacher.name} (val top-1 {teacher_top1:.2f}%) into {arch}"
+            f"{'' if student_ckpt is None else f' from {Path(student).name} (val top-1 {before:.2f}%)'} on "
+            f"{len(prepared.train)} images; alpha {dcfg.alpha}, temperature {dcfg.temperature}; choosing on "  # type: ignore
+            f"val ({prepared.val_note})")
+    result = fit(model, prepared.train, prepared.val, cfg,
                  loss_fn=kd_loss_fn(t_model, dcfg, label_smoothing=cfg.label_smoothing),
-                 resume_path=resume_path_for(output), resume=resume, description=f"distill {arch}")
+                 resume_path=resume_path_for(output), resume=resume, description=f"distill {arch}",
+                 val_note=prepared.val_note)
+    test = measure_test(model, prepared, cfg, what=f"distill {arch}")
     t_model.to("cpu")
     t_params, _ = count_params(t_model)
     s_params, _ = count_params(model)
     t_macs, s_macs = count_macs(t_model, pre.input_size), count_macs(model, pre.input_size)
-    metrics = {**result.metrics(), "eval_split": prepared.eval_split, "params": s_params, "macs": s_macs,
-               "teacher_top1": round(teacher_top1, 3), "teacher_params": t_params, "teacher_macs": t_macs}
+    metrics = {**split_metrics(result, (result.best_top1, result.best_top5), test, prepared),
+               "params": s_params, "macs": s_macs, "teacher_val_top1": round(teacher_top1, 3),
+               "teacher_params": t_params, "teacher_macs": t_macs}
     if before is not None:
-        metrics["top1_before"] = round(before, 3)
+        metrics["val_top1_before"] = round(before, 3)
     opts = {"teacher": str(teacher), "student": student, "width": width, "data": data.data,
-            "limit_per_class": data.limit_per_class, "val_split": data.val_split, "data_path": data.data_path,
-            **asdict(dcfg), **asdict(cfg),
+            "limit_per_class": data.limit_per_class, "val_split": prepared.val_split.fraction,
+            "data_path": data.data_path, **asdict(dcfg), **asdict(cfg),
             **(options or {})}
     parent = Path(student) if student_ckpt is not None else None
     lineage = list(student_ckpt.get("lineage", [])) if student_ckpt is not None else []
@@ -265,6 +264,5 @@ def distill_model(
                          student_source="scratch" if student_ckpt is None else Path(student).name,
                          teacher_top1=teacher_top1, student_top1_before=before, teacher_params=t_params,
                          teacher_macs=t_macs, student_params=s_params, student_macs=s_macs, fit=result,
-                         train_images=len(prepared.train), eval_images=len(prepared.eval or []),  # type: ignore
-                         eval_split=prepared.eval_split)
+                         train_images=len(prepared.train), metrics=metrics)  # type: ignore[arg-type]
 

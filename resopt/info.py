@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.artifacts import Preprocess, sha256_file
+from resopt.data.splits import UNKNOWN, split_of
 from resopt.kinds import kind_of
 from resopt.verify import agreement_percent
 
@@ -32,7 +33,7 @@ KEY_OPTIONS: dict[str, tuple[str, ...]] = {
     "quantize": ("mode", "calib_method", "weights", "activations", "num_calib"),
     "build": ("precision", "build_path", "min_batch", "opt_batch", "max_batch"),
 }
-KEY_METRICS = ("top1", "top5", "parent_top1", "agreement", "max_abs_diff", "top1_agreement", "params",
+KEY_METRICS = ("top1", "top5", "parent_top1", "val_top1", "agreement", "max_abs_diff", "top1_agreement", "params",
                "nonzero_params", "macs", "channel_sparsity", "weight_sparsity", "best_epoch")
 
 
@@ -46,6 +47,8 @@ class LineageStep:
     parent_file: str | None
     parent_sha256: str | None
     metrics: dict[str, Any]
+    split: str | None = None  # what top1/top5/parent_top1 were measured on: test, val or "split unknown"
+    split_images: int | None = None
 
     @classmethod
     def from_entry(cls, entry: dict[str, Any]) -> LineageStep:
@@ -59,9 +62,12 @@ class LineageStep:
         shown = {k: metrics[k] for k in KEY_METRICS if metrics.get(k) is not None}
         if "top1_agreement" in shown:  # percent, also for entries written when export/import stored a fraction
             shown["top1_agreement"] = agreement_percent(command, metrics)
+        split = split_of(metrics) if metrics.get("top1") is not None else None
+        images = metrics.get("eval_images") if split != UNKNOWN else None
         return cls(command=command, time=str(entry.get("time", "")),
                    options={k: options[k] for k in keys if options.get(k) not in (None, "", [], {})},
-                   parent_file=parent.get("file"), parent_sha256=parent.get("sha256"), metrics=shown)
+                   parent_file=parent.get("file"), parent_sha256=parent.get("sha256"), metrics=shown,
+                   split=split, split_images=images if isinstance(images, int) else None)
 
 
 @dataclass(frozen=True)

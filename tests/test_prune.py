@@ -73,7 +73,7 @@ def test_iterative_reaches_the_requested_sparsity(cli, trained_pt: Path, cifar_s
     d = _prune(cli, trained_pt, cifar_small, tmp_path / "it.pt", "--iterative", "--steps", "2",
                "--sparsity", "0.5", "--finetune-epochs", "1")
     steps = d["steps"]
-    assert [s["step"] for s in steps] == [1, 2] and all("top1_finetuned" in s for s in steps)
+    assert [s["step"] for s in steps] == [1, 2] and all("val_top1_finetuned" in s for s in steps)
     # Two steps towards half the channels: each step removes some, and the last step's model is the result.
     assert d["before"]["params"] > steps[0]["params"] > steps[1]["params"] == d["after"]["params"]
     assert d["channel_sparsity"] == pytest.approx(0.5)

@@ -172,7 +172,7 @@ def test_int8_guard_met_without_exclusions(cli, fp32_onnx, cifar_small, workdir)
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--max-drop", "1"], "Error: --max-drop measures the top-1 drop on the --data test split; pass --data"),
+    (["--max-drop", "1"], "Error: --max-drop measures the top-1 drop on the --data validation split; pass --data"),
     (["--mode", "fp16", "--max-drop", "1", "--data", "x"],
      "Error: --max-drop does not apply to --mode fp16; it is an option of --mode int8, fixed"),
     (["--max-exclude", "2"], "Error: --max-exclude bounds the accuracy guard"),

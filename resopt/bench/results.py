@@ -45,7 +45,7 @@ class ModelBench:
     macs: int | None  # per image (batch 1)
     input_size: int
     batches: tuple[LatencyStats, ...]
-    accuracy: dict[str, float] | None = None  # top1, top5 (percent), images
+    accuracy: dict[str, Any] | None = None  # top1, top5 (percent), images, split (test)
     load_seconds: float = 0.0
     variant: str = ""  # a .pt's PT_VARIANTS name; "" for other files
     sha256: str = ""  # of the file measured: `resopt report` joins bench rows to artifacts by it

@@ -121,7 +121,7 @@ def render_bench(d: dict[str, Any]) -> Any:
                           f"over rounds; img/s ± = half the spread of the per-round medians.",
                   caption_justify="left")
     for name, justify in (("model", "left"), ("size", "right"), ("params", "right"), ("non-zero", "right"),
-                          ("MACs", "right"), ("top-1 / top-5", "right"),
+                          ("MACs", "right"), ("test top-1 / top-5", "right"),
                           ("peak mem host / GPU" if gpu else "peak mem", "right"),
                           ("batch", "right"), ("p50 / p90 / p99 ms", "right"), ("img/s", "right"),
                           ("speed-up", "right")):

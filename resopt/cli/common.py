@@ -71,6 +71,20 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
     return table
 
 
+def split_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
+    """The rows a training command's table shows: val (what the epoch was chosen on) and test (measured
+    once, after the choice), each with its image count."""
+    val = f"{d['val_top1']:.2f}% / {d['val_top5']:.2f}% ({d['val_images']:,} images)"
+    chosen = "last epoch" if d.get("select") == "last" else "best epoch"
+    rows = [(f"val top-1 / top-5 ({chosen} {d['best_epoch']})", val)]
+    if d.get("test_top1") is not None:
+        rows.append(("test top-1 / top-5", f"{d['test_top1']:.2f}% / {d['test_top5']:.2f}% "
+                                           f"({d['test_images']:,} images, measured once, after the choice)"))
+    else:
+        rows.append(("test top-1", "- (the data has no test split)"))
+    return rows
+
+
 def default_output(model: Path, suffix: str) -> Path:
     """``r20.pt`` + ``.onnx`` -> ``r20.onnx``; ``r20.onnx`` + ``.int8.onnx`` -> ``r20.int8.onnx``."""
     return model.with_name(model.name[: -len(model.suffix)] + suffix)
@@ -94,7 +108,11 @@ ChannelsLastOpt = Annotated[bool, typer.Option("--channels-last/--no-channels-la
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 WorkersOpt = Annotated[int | None, typer.Option("--workers", help="DataLoader worker processes [default: auto].")]
 ValSplitOpt = Annotated[float | None, typer.Option(
-    "--val-split", help="Hold out this fraction of train for validation instead of using test/.")]
+    "--val-split", help="Fraction of each class of train held out for validation (every choice is made on "
+    "it; test is reported) [default: the data's val/ when it has train/, val/ and test/, else 0.1; a model's "
+    "recorded hold-out for its children].", show_default=False)]
+SelectOpt = Annotated[str, typer.Option(
+    "--select", help="The epoch kept: best (by val top-1) or last (for data too small to choose on).")]
 DataPathOpt = Annotated[str, typer.Option(
     "--data-path", help="fast: decode small images once into a tensor and augment batches on the training "
     "device; pil: decode and augment per image every epoch; auto: fast for images up to 64 px when they fit "

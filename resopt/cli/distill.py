@@ -24,6 +24,7 @@ from resopt.cli.common import (
     OptimizerOpt,
     ResumeOpt,
     SeedOpt,
+    SelectOpt,
     ValSplitOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -32,6 +33,7 @@ from resopt.cli.common import (
     emit,
     human_count,
     kv_table,
+    split_rows,
 )
 
 
@@ -62,6 +64,7 @@ def distill_cmd(
     label_smoothing: LabelSmoothingOpt = 0.0,
     amp: AmpOpt = True,
     channels_last: ChannelsLastOpt = True,
+    select: SelectOpt = "best",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -93,26 +96,24 @@ def distill_cmd(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
-                      device=device, workers=workers)
+                      device=device, workers=workers, select=select)
     result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg,
                            DistillConfig(alpha=alpha, temperature=temperature), output, width=width, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)
 
 
 def _render(d: dict[str, Any]) -> Any:
-    split = d["eval_split"]
     rows = [
         ("teacher", f"{Path(d['teacher']).name}: {human_count(d['teacher_params'])} params, "
                     f"{human_count(d['teacher_macs'])} MACs"),
         ("student", f"{d['student_arch']} ({d['student_source']}): {human_count(d['student_params'])} params, "
                     f"{human_count(d['student_macs'])} MACs"),
-        (f"teacher {split} top-1", f"{d['teacher_top1']:.2f}%"),
+        ("teacher val top-1", f"{d['teacher_val_top1']:.2f}%"),
     ]
-    if d["student_top1_before"] is not None:
-        rows.append((f"student {split} top-1 before", f"{d['student_top1_before']:.2f}%"))
+    if d["student_val_top1_before"] is not None:
+        rows.append(("student val top-1 before", f"{d['student_val_top1_before']:.2f}%"))
     rows += [
-        (f"student {split} top-1", f"{d['top1']:.2f}% (best epoch {d['best_epoch']})"),
-        ("images", f"{d['train_images']} train / {d['eval_images']} eval"),
+        *split_rows(d),
         ("time", f"{d['train_seconds']:.1f}s ({d['train_images_per_sec']:.0f} img/s on {d['device']})"),
     ]
     return kv_table(f"distilled -> {d['output']}", rows)

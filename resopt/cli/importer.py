@@ -79,6 +79,7 @@ def _render(d: dict[str, Any]) -> Any:
                                 f"top-1 agreement {v['top1_agreement']:.1f}%"))
     m = d["metrics"]
     if "top1" in m:
-        rows.append(("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}% on {m['eval_images']} test images"))
+        split = m["split"]
+        rows.append(("top-1 / top-5", f"{m['top1']:.2f}% / {m['top5']:.2f}% on {m['eval_images']} {split} images"))
     rows.append(("time", f"{d['seconds']:.1f}s"))
     return kv_table(f"imported -> {d['output']}", rows)

@@ -56,6 +56,24 @@ def _pairs(d: dict[str, Any]) -> str:
     return "\n".join(f"{k}={_fmt(k, v)}" for k, v in d.items()) or "-"
 
 
+SPLIT_LABELLED = ("top1", "top5", "parent_top1")
+
+
+def _metric_pairs(step: dict[str, Any]) -> str:
+    """The step's metrics, each accuracy labelled with its split: ``top1=83.7 (test, 10,000 images)``,
+    ``val_top1=84.1 (val)``; a step written before splits were recorded says ``split unknown``."""
+    lines = []
+    for k, v in step["metrics"].items():
+        text = f"{k}={_fmt(k, v)}"
+        if k in SPLIT_LABELLED and step.get("split"):
+            n = step.get("split_images")
+            text += f" ({step['split']}{f', {n:,} images' if n else ''})"
+        elif k.startswith("val_"):
+            text += " (val)"
+        lines.append(text)
+    return "\n".join(lines) or "-"
+
+
 def _render(d: dict[str, Any]) -> Any:
     from rich.console import Group
     from rich.markup import escape
@@ -93,7 +111,7 @@ def _render(d: dict[str, Any]) -> Any:
         parent = f"{s['parent_file']} @ {s['parent_sha256'][:12]}" if s["parent_file"] else "-"
         when = s["time"][:16].replace("T", " ") + (" UTC" if s["time"].endswith("+00:00") else "")
         lineage.add_row(str(i), s["command"], when, escape(_pairs(s["options"])),
-                        escape(parent), escape(_pairs(s["metrics"])))
+                        escape(parent), escape(_metric_pairs(s)))
     return Group(facts, lineage)
 
 

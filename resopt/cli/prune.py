@@ -21,6 +21,7 @@ from resopt.cli.common import (
     NesterovOpt,
     OptimizerOpt,
     SeedOpt,
+    SelectOpt,
     ValSplitOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -74,6 +75,7 @@ def prune_cmd(
     temperature: Annotated[float, typer.Option("--temperature", help="With --teacher: softmax temperature.")] = 4.0,
     limit_per_class: LimitOpt = None,
     val_split: ValSplitOpt = None,
+    select: SelectOpt = "best",
     batch_size: BatchSizeOpt = 128,
     optimizer: OptimizerOpt = "sgd",
     momentum: MomentumOpt = 0.9,
@@ -138,7 +140,8 @@ def prune_cmd(
     train = TrainConfig(epochs=max(1, finetune_epochs), batch_size=batch_size, lr=lr, optimizer=optimizer,
                         momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
                         warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, amp=amp,
-                        channels_last=channels_last, seed=seed, device=device, workers=workers)
+                        channels_last=channels_last, seed=seed, device=device, workers=workers,
+                        select=select)
     result = prune_checkpoint(model, cfg, data=data_opts, train=train,
                               output=output or default_output(model, ".pruned.pt"))
     emit(result.summary(), json_out=json_, render=_render)
@@ -160,12 +163,15 @@ def _render(d: dict[str, Any]) -> Any:
     for label, key, fmt in (("params", "params", human_count), ("non-zero params", "nonzero_params", human_count),
                             ("MACs", "macs", human_count), ("file size", "file_bytes", human_bytes)):
         table.add_row(label, fmt(b[key]), fmt(a[key]), _fraction(a[key], b[key]))
-    split = f"{d['eval_split']} top-1 ({d['eval_images']} images)"
-    table.add_row(f"{split}, no fine-tuning", f"{b['top1']:.2f}%", f"{d['top1_before_finetune']:.2f}%",
-                  f"{d['top1_before_finetune'] - b['top1']:+.2f} pts")
+    val = f"val top-1 ({d['val_images']:,} images)"
+    table.add_row(f"{val}, no fine-tuning", f"{b['top1']:.2f}%", f"{d['val_top1_before_finetune']:.2f}%",
+                  f"{d['val_top1_before_finetune'] - b['top1']:+.2f} pts")
     if d["finetune_epochs"]:
-        table.add_row(f"{split}, fine-tuned {d['finetune_epochs']} epoch{'s' if d['finetune_epochs'] > 1 else ''}",
+        table.add_row(f"{val}, fine-tuned {d['finetune_epochs']} epoch{'s' if d['finetune_epochs'] > 1 else ''}",
                       "", f"{a['top1']:.2f}%", f"{a['top1'] - b['top1']:+.2f} pts")
+    if d["split"] == "test":
+        table.add_row(f"test top-1 ({d['test_images']:,} images, measured once)", f"{d['parent_top1']:.2f}%",
+                      f"{d['top1']:.2f}%", f"{d['top1'] - d['parent_top1']:+.2f} pts")
     if d["channel_sparsity"]:
         table.add_row("channels removed", "", f"{d['channel_sparsity']:.1%}", "")
     if d["weight_sparsity"]:
@@ -173,12 +179,12 @@ def _render(d: dict[str, Any]) -> Any:
     parts: list[Any] = [table]
     if len(d["steps"]) > 1:
         steps = Table(title="iterative steps", title_justify="left")
-        for col in ("step", "params", "MACs", "top-1 pruned", "top-1 fine-tuned"):
+        for col in ("step", "params", "MACs", "val top-1 pruned", "val top-1 fine-tuned"):
             steps.add_column(col, justify="right")
         for s in d["steps"]:
-            ft = s.get("top1_finetuned")
+            ft = s.get("val_top1_finetuned")
             steps.add_row(str(s["step"]), human_count(s["params"]), human_count(s["macs"]),
-                          f"{s['top1_pruned']:.2f}%", "-" if ft is None else f"{ft:.2f}%")
+                          f"{s['val_top1_pruned']:.2f}%", "-" if ft is None else f"{ft:.2f}%")
         parts.append(steps)
     if d["skipped_layers"]:
         parts.append(Text("skipped: " + ", ".join(f"{s['layer']} ({s['reason']})" for s in d["skipped_layers"])))
@@ -193,7 +199,7 @@ def _render_analysis(d: dict[str, Any]) -> Any:
 
     ratios = [f"{r:g}" for r in d["ratios"]]
     table = Table(title=f"top-1 drop (points) per layer pruned alone; baseline {d['baseline_top1']:.2f}% on "
-                        f"{d['images']} images", title_justify="left")
+                        f"{d['images']} val images", title_justify="left")
     table.add_column("layer")
     table.add_column("channels", justify="right")
     table.add_column("convs", justify="right")

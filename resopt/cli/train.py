@@ -24,6 +24,7 @@ from resopt.cli.common import (
     OptimizerOpt,
     ResumeOpt,
     SeedOpt,
+    SelectOpt,
     TimeBudgetOpt,
     ValSplitOpt,
     WarmupOpt,
@@ -33,6 +34,7 @@ from resopt.cli.common import (
     emit,
     human_count,
     kv_table,
+    split_rows,
 )
 
 
@@ -57,6 +59,7 @@ def train_cmd(
     input_size: Annotated[int | None, typer.Option(help="Input resolution [default: native for <=64px images, else 224].")] = None,
     limit_per_class: LimitOpt = None,
     val_split: ValSplitOpt = None,
+    select: SelectOpt = "best",
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
@@ -66,7 +69,8 @@ def train_cmd(
 ) -> None:
     """Train a classifier from scratch (or from ImageNet weights) and write a .pt checkpoint.
 
-    Keeps the best epoch by test (or --val-split) top-1. Runs data-parallel under torchrun.
+    Keeps the best epoch by top-1 on the validation split (the data's val/, or 10% of train held out),
+    then measures test top-1 once. Runs data-parallel under torchrun.
 
     Example: resopt train --arch resnet20 --data cifar10 --epochs 30 -o r20.pt
     """
@@ -80,7 +84,7 @@ def train_cmd(
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
                       nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
                       label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
-                      device=device, workers=workers, time_budget=time_budget)
+                      device=device, workers=workers, time_budget=time_budget, select=select)
     result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg, output, width=width,
                          pretrained=pretrained, input_size=input_size, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)
@@ -89,9 +93,7 @@ def train_cmd(
 def _render(d: dict[str, Any]) -> Any:
     return kv_table(f"trained {d['arch']} -> {d['output']}", [
         ("params", human_count(d["params"])), ("MACs", human_count(d["macs"])),
-        (f"best {d['eval_split']} top-1", f"{d['top1']:.2f}% (epoch {d['best_epoch']})"),
-        (f"best {d['eval_split']} top-5", f"{d['top5']:.2f}%"),
-        ("images", f"{d['train_images']} train / {d['eval_images']} eval"),
+        *split_rows(d),
         ("time", f"{d['train_seconds']:.1f}s, {d['epochs']} epochs ({d['train_images_per_sec']:.0f} img/s on "
                  f"{d['device']}, {d['data_path']} data path)"),
     ])

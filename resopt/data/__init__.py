@@ -32,9 +32,11 @@ from resopt.data.splits import (
     file_names,
     holdout_indices,
     load_eval_set,
+    load_report_set,
     load_val_set,
     make_splits,
     recorded_val_split,
+    split_of,
     split_validation,
 )
 from resopt.data.transforms import (
@@ -50,7 +52,7 @@ __all__ = [
     "UNKNOWN", "DataSource", "Splits", "ValSplit", "balanced_indices", "check_classes", "check_split_classes",
     "check_val_fraction", "choose_val_split", "classes_of", "compute_normalization", "data_home",
     "decide_input_size", "default_workers", "eval_transform", "file_names", "holdout_indices", "image_folder",
-    "limit_per_class", "load_eval_set", "load_image", "load_val_set", "make_loader", "make_splits",
-    "probe_image_size", "recorded_val_split", "resolve_data", "split_validation", "stack_images",
+    "limit_per_class", "load_eval_set", "load_image", "load_report_set", "load_val_set", "make_loader", "make_splits",
+    "probe_image_size", "recorded_val_split", "resolve_data", "split_of", "split_validation", "stack_images",
     "targets_of", "train_transform",
 ]

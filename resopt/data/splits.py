@@ -33,6 +33,13 @@ SELECT = ("best", "last")  # --select: the epoch kept by fine-tuning loops
 UNKNOWN = "split unknown"  # what an artifact written before splits were recorded shows
 
 
+def split_of(metrics: dict[str, Any] | None) -> str:
+    """The split a lineage step's ``top1``/``top5`` were measured on: ``test`` or ``val``, or "split unknown"
+    for a step written before the split was recorded (never assumed to be test)."""
+    split = (metrics or {}).get("split")
+    return split if split in ("test", "val") else UNKNOWN
+
+
 def check_val_fraction(fraction: float) -> float:
     if not 0.0 < fraction < 1.0:
         raise UsageError(f"--val-split must be in (0, 1), got {fraction}",
@@ -205,6 +212,16 @@ def load_eval_set(spec: str | Path, pre: Preprocess, *, split: str = "test", per
     source = resolve_data(spec)
     ds = source.dataset(split, eval_transform(pre))
     return limit_per_class(ds, per_class, seed=seed)
+
+
+def load_report_set(spec: str | Path, pre: Preprocess, *, per_class: int | None = None, seed: int = 0,
+                    lineage: Sequence[dict[str, Any]] | None = None) -> tuple[Dataset, str]:
+    """(images, split) an evaluation-only command reports on: the test split, or where the data has none
+    (train/ only) its validation split; e.g. ``import``'s sanity check."""
+    source = resolve_data(spec)
+    if source.has_test:
+        return load_eval_set(spec, pre, split="test", per_class=per_class, seed=seed), "test"
+    return load_val_set(spec, pre, lineage=lineage, per_class=per_class, seed=seed)[0], "val"
 
 
 def load_val_set(spec: str | Path, pre: Preprocess, *, lineage: Sequence[dict[str, Any]] | None,

@@ -107,7 +107,8 @@ def resolve_classes(cfg: ImportConfig, num_outputs: int | None) -> tuple[list[st
     if cfg.data is not None:
         from resopt.data import classes_of, resolve_data
 
-        from_data = classes_of(resolve_data(cfg.data).dataset("test"))
+        data_source = resolve_data(cfg.data)
+        from_data = classes_of(data_source.dataset("test" if data_source.has_test else "train"))
     if from_opt is not None and from_data is not None and from_opt != from_data:
         raise DataError(f"--classes ({', '.join(from_opt[:4])}, ...) differ from the class folders of --data "
                         f"{cfg.data} ({', '.join(from_data[:4])}, ...)",
@@ -186,15 +187,15 @@ def import_model(source: Path, output: Path | None, cfg: ImportConfig) -> Import
 
 def evaluate_torch(model: nn.Module, cfg: ImportConfig, pre: Preprocess, classes: list[str]) -> dict[str, Any]:
     from resopt.backends.cuda import resolve_device
-    from resopt.data import check_classes, classes_of, load_eval_set, make_loader
+    from resopt.data import check_classes, classes_of, load_report_set, make_loader
     from resopt.train import evaluate
 
     assert cfg.data is not None
-    ds = load_eval_set(cfg.data, pre, split="test", per_class=cfg.limit_per_class)
+    ds, split = load_report_set(cfg.data, pre, per_class=cfg.limit_per_class)
     check_classes(classes, classes_of(ds), model_name="the imported model", data=cfg.data)
-    log(f"measuring top-1 on {len(ds)} test images of {cfg.data}")  # type: ignore[arg-type]
+    log(f"measuring top-1 on {len(ds)} {split} images of {cfg.data}")  # type: ignore[arg-type]
     acc = evaluate(model, make_loader(ds, cfg.batch_size, shuffle=False), resolve_device("cpu"))
-    return {"top1": acc.top1, "top5": acc.top5, "eval_images": acc.n, "eval_split": "test", "data": cfg.data}
+    return {"top1": acc.top1, "top5": acc.top5, "eval_images": acc.n, "split": split, "data": cfg.data}
 
 
 def import_pytorch(source: Path, output: Path, cfg: ImportConfig) -> ImportResult:

@@ -97,11 +97,11 @@ def _images(cfg: ImportConfig, pre: Any, classes: list[str]) -> tuple[Any, str]:
     from resopt.errors import DataError
 
     if cfg.data is not None:
-        from resopt.data import load_eval_set, stack_images
+        from resopt.data import load_report_set, stack_images
 
-        ds = load_eval_set(cfg.data, pre, split="test", per_class=max(1, -(-cfg.num_verify // len(classes))))
+        ds, split = load_report_set(cfg.data, pre, per_class=max(1, -(-cfg.num_verify // len(classes))))
         x, _ = stack_images(ds, cfg.num_verify)
-        return x.numpy(), f"{cfg.data} (test split)"
+        return x.numpy(), f"{cfg.data} ({split} split)"
     try:
         folder = find_default_calib(classes)
     except DataError:
@@ -226,13 +226,13 @@ def import_onnx(source: Path, output: Path, cfg: ImportConfig) -> ImportResult:
 
 
 def _evaluate(sess: Any, input_name: str, cfg: ImportConfig, pre: Any, classes: list[str]) -> dict[str, Any]:
-    from resopt.data import check_classes, classes_of, load_eval_set, make_loader
+    from resopt.data import check_classes, classes_of, load_report_set, make_loader
     from resopt.metrics import TopK
 
     assert cfg.data is not None
-    ds = load_eval_set(cfg.data, pre, split="test", per_class=cfg.limit_per_class)
+    ds, split = load_report_set(cfg.data, pre, per_class=cfg.limit_per_class)
     check_classes(classes, classes_of(ds), model_name="the imported model", data=cfg.data)
     acc = TopK()
     for x, y in make_loader(ds, cfg.batch_size, shuffle=False):
         acc.update(sess.run(None, {input_name: x.numpy()})[0], y.numpy())
-    return {"top1": acc.top1, "top5": acc.top5, "eval_images": acc.n, "eval_split": "test", "data": cfg.data}
+    return {"top1": acc.top1, "top5": acc.top5, "eval_images": acc.n, "split": split, "data": cfg.data}

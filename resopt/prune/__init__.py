@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resopt.console import log
-from resopt.errors import DataError, UsageError, VerificationError, choice_error
+from resopt.errors import UsageError, VerificationError, choice_error
 from resopt.prune.methods import RUNNERS, Work
 
 if TYPE_CHECKING:
@@ -134,33 +134,48 @@ class PruneResult:
     finetune_epochs: int
     channel_sparsity: float  # fraction of conv/linear output channels removed (classifier excluded)
     weight_sparsity: float  # fraction of conv/linear weights that are zero
-    eval_split: str
-    eval_images: int
+    val_images: int
+    test_before: float | None = None  # test top-1 of the parent and of the result, measured once each
+    test_after: float | None = None
+    test_images: int = 0
+    splits: dict[str, Any] = field(default_factory=dict)
     ratio: float | None = None  # the channel ratio used (searched when --target-macs)
     steps: list[dict[str, Any]] = field(default_factory=list)
     skipped_layers: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     fits: list[FitResult] = field(default_factory=list)
 
+    def reported(self) -> dict[str, Any]:
+        """top-1 of the result and its parent as reported: on test (measured once, after every choice was
+        made on val), or on val where the data has no test split."""
+        if self.test_after is not None and self.test_before is not None:
+            return {"top1": round(self.test_after, 3), "parent_top1": round(self.test_before, 3), "split": "test",
+                    "eval_images": self.test_images, "test_top1": round(self.test_after, 3),
+                    "test_parent_top1": round(self.test_before, 3), "test_images": self.test_images}
+        return {"top1": round(self.after.top1, 3), "parent_top1": round(self.before.top1, 3), "split": "val",
+                "eval_images": self.val_images}
+
     def metrics(self) -> dict[str, Any]:
-        return {"top1": round(self.after.top1, 3), "top1_before_finetune": round(self.top1_pruned, 3),
-                "parent_top1": round(self.before.top1, 3), "params": self.after.params,
+        return {**self.reported(), "val_top1": round(self.after.top1, 3),
+                "val_parent_top1": round(self.before.top1, 3),
+                "val_top1_before_finetune": round(self.top1_pruned, 3), "val_images": self.val_images,
+                "selected_on": "val", "splits": self.splits, "params": self.after.params,
                 "nonzero_params": self.after.nonzero_params, "macs": self.after.macs,
                 "parent_params": self.before.params, "parent_macs": self.before.macs, "method": self.method,
                 "channel_sparsity": round(self.channel_sparsity, 4),
-                "weight_sparsity": round(self.weight_sparsity, 4), "eval_split": self.eval_split,
-                "eval_images": self.eval_images, **({"ratio": round(self.ratio, 4)} if self.ratio else {})}
+                "weight_sparsity": round(self.weight_sparsity, 4),
+                **({"ratio": round(self.ratio, 4)} if self.ratio else {})}
 
     def summary(self) -> dict[str, Any]:
         return {"output": str(self.output), "parent": str(self.parent), "method": self.method,
                 "before": self.before.to_dict(), "after": self.after.to_dict(),
-                "top1_before_finetune": round(self.top1_pruned, 3), "finetune_epochs": self.finetune_epochs,
+                "val_top1_before_finetune": round(self.top1_pruned, 3), "finetune_epochs": self.finetune_epochs,
                 "channel_sparsity": round(self.channel_sparsity, 4),
                 "weight_sparsity": round(self.weight_sparsity, 4),
                 "ratio": None if self.ratio is None else round(self.ratio, 4),
                 "macs_fraction": round(self.after.macs / max(1, self.before.macs), 4),
                 "params_fraction": round(self.after.params / max(1, self.before.params), 4),
-                "eval_split": self.eval_split, "eval_images": self.eval_images, "steps": self.steps,
+                **self.reported(), "val_images": self.val_images, "steps": self.steps,
                 "skipped_layers": self.skipped_layers, "notes": self.notes}
 
 
@@ -181,12 +196,11 @@ def _prepare(data: DataOptions, ckpt: dict[str, Any], name: str, *, device: str 
     from resopt.data import check_classes
     from resopt.train import prepare_data
 
-    # The parent's preprocessing, never recomputed: the pruned model must see what its parent saw.
-    prepared = prepare_data(data, preprocess=checkpoint_preprocess(ckpt), device=device)
+    # The parent's preprocessing, never recomputed: the pruned model must see what its parent saw; and its
+    # validation split, re-derived from its lineage: fine-tuning never trains on the parent's val images.
+    prepared = prepare_data(data, preprocess=checkpoint_preprocess(ckpt), device=device,
+                            lineage=ckpt.get("lineage"))
     check_classes(ckpt["classes"], prepared.classes, model_name=name, data=data.data)
-    if prepared.eval is None:
-        raise DataError(f"data {data.data} has no test/ split to measure top-1 on",
-                        hint="add --val-split 0.1 to hold out part of train/")
     return prepared
 
 
@@ -239,7 +253,7 @@ def prune_checkpoint(
     from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, model_top1
     from resopt.models import model_from_checkpoint, model_widths
     from resopt.prune.sensitivity import conv_out_channels
-    from resopt.train import fit
+    from resopt.train import fit, measure_test
 
     cfg.validate()
     model_path = Path(model_path)
@@ -258,41 +272,46 @@ def prune_checkpoint(
     # Without fine-tuning the training split is never read: no reason to decode it.
     prepared = _prepare(data if cfg.finetune_epochs > 0 else replace(data, data_path="pil"), ckpt,
                         model_path.name, device=train.device)
-    prepared.eval = _decoded(prepared.eval, pre.input_size)
+    prepared.val = _decoded(prepared.val, pre.input_size)
     loss_fn = None
     if cfg.teacher is not None:
         teacher = load_teacher(Path(cfg.teacher), classes=prepared.classes, preprocess=pre, data=data.data)
         loss_fn = kd_loss_fn(teacher, dcfg, label_smoothing=ft_cfg.label_smoothing)
 
     def top1(m: nn.Module) -> float:
-        return model_top1(m, prepared.eval, ft_cfg)
+        return model_top1(m, prepared.val, ft_cfg)
 
     def fine_tune(description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         if cfg.finetune_epochs < 1:
             return None
-        return fit(model, prepared.train, prepared.eval, ft_cfg, loss_fn=loss_fn, hooks=hooks,
-                   description=description)
+        return fit(model, prepared.train, prepared.val, ft_cfg, loss_fn=loss_fn, hooks=hooks,
+                   description=description, val_note=prepared.val_note)
 
     size = pre.input_size
     parent_widths = model_widths(model)
     before = _stats(model, size, model_path.stat().st_size, top1(model))
+    # The parent's test top-1 is measured here, before anything is chosen, and never looked at again.
+    parent_test = measure_test(model, prepared, ft_cfg, what=f"parent {model_path.name}", when="before pruning")
     parent_channels = conv_out_channels(model)
-    log(f"pruning {model_path.name} ({ckpt['arch']}, top-1 {before.top1:.2f}% on {len(prepared.eval)} "
-        f"{prepared.eval_split} images) with {cfg.method}")
+    log(f"pruning {model_path.name} ({ckpt['arch']}, val top-1 {before.top1:.2f}% on {prepared.val_note}) "
+        f"with {cfg.method}; every choice is made on val")
     work = Work(model=model, cfg=cfg, input_size=size, top1=top1, fine_tune=fine_tune, parent_macs=before.macs,
-                probe=lambda: stack_images(prepared.eval, 32)[0])
+                probe=lambda: stack_images(prepared.val, 32)[0])
     RUNNERS[cfg.method](work)
 
     model.eval()
     if cfg.method in STRUCTURED and not cfg.round_to:
         work.notes += _alignment_note(parent_widths, model_widths(model))
     after_top1 = top1(model) if work.fits or cfg.method == "sfp" else work.top1_pruned
+    test = measure_test(model, prepared, ft_cfg, what=f"pruned {output.name}")
     channel_sparsity = 1.0 - conv_out_channels(model) / parent_channels
     result = PruneResult(output=output, parent=model_path, method=cfg.method,
                          before=before, after=_stats(model, size, 0, after_top1), top1_pruned=work.top1_pruned,
                          finetune_epochs=cfg.finetune_epochs, channel_sparsity=channel_sparsity,
-                         weight_sparsity=_weight_sparsity(model), eval_split=prepared.eval_split,
-                         eval_images=len(prepared.eval), ratio=work.ratio, steps=work.steps,  # type: ignore
+                         weight_sparsity=_weight_sparsity(model), val_images=len(prepared.val),  # type: ignore
+                         test_before=None if parent_test is None else parent_test.top1,
+                         test_after=None if test is None else test.top1, test_images=0 if test is None else test.n,
+                         splits=prepared.splits, ratio=work.ratio, steps=work.steps,
                          skipped_layers=work.skipped, notes=work.notes, fits=work.fits)
     _check_shrunk(result)
 
@@ -301,7 +320,7 @@ def prune_checkpoint(
             "layer_ratios": cfg.layer_ratios, "finetune_epochs": cfg.finetune_epochs,
             "teacher": None if cfg.teacher is None else str(cfg.teacher),
             **({"alpha": cfg.alpha, "temperature": cfg.temperature} if cfg.teacher else {}),
-            "data": data.data, "limit_per_class": data.limit_per_class, "val_split": data.val_split,
+            "data": data.data, "limit_per_class": data.limit_per_class, "val_split": prepared.val_split.fraction,
             "data_path": data.data_path, **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"},
             **(options or {})}
     extra = {"teacher": Path(cfg.teacher)} if cfg.teacher is not None else None
@@ -315,7 +334,7 @@ def prune_checkpoint(
                                                                extra_parents=extra)])
 
     # The checkpoint must rebuild from its recorded widths alone, into the same function.
-    images, _ = stack_images(prepared.eval, 64)
+    images, _ = stack_images(prepared.val, 64)
     with torch.no_grad():
         diff = float((model_from_checkpoint(out_ckpt)(images) - model(images)).abs().max())
     if diff > 1e-4:
@@ -329,8 +348,11 @@ def prune_checkpoint(
             if cfg.method in STRUCTURED and result.after.file_bytes >= before.file_bytes:
                 raise VerificationError(f"the pruned checkpoint ({result.after.file_bytes} bytes) is not smaller "
                                         f"than its parent ({before.file_bytes} bytes)")
+    r = result.reported()
+    once = ", measured once, after the choice" if r["split"] == "test" else ""
     log(f"wrote {output}: params {before.params} -> {result.after.params}, MACs {before.macs} -> "
-        f"{result.after.macs}, top-1 {before.top1:.2f}% -> {result.after.top1:.2f}%")
+        f"{result.after.macs}, {r['split']} top-1 {r['parent_top1']:.2f}% -> {r['top1']:.2f}% "
+        f"({r['eval_images']:,} {r['split']} images{once})")
     return result
 
 
@@ -395,14 +417,14 @@ def analyze_checkpoint(
     prepared = _prepare(replace(data, data_path="pil"), ckpt, Path(model_path).name)
     from torch.utils.data import Subset
 
-    targets = targets_of(prepared.eval)
+    targets = targets_of(prepared.val)
     per_class = max(1, max_images // max(1, len(set(targets))))
-    subset = Subset(prepared.eval, balanced_indices(targets, per_class, seed=data.seed))
+    subset = Subset(prepared.val, balanced_indices(targets, per_class, seed=data.seed))
     images, labels = stack_images(subset)
     size = checkpoint_preprocess(ckpt).input_size
     groups = channel_groups(model, size)
     log(f"sensitivity of {len(groups)} channel groups at ratios {', '.join(f'{r:g}' for r in ratios)} on "
-        f"{len(labels)} {prepared.eval_split} images")
+        f"{len(labels)} val images ({prepared.val_split.describe(len(prepared.val))})")  # type: ignore[arg-type]
     target = int(target_macs * count_macs(model, size)) if target_macs is not None else None
     report = analyze_sensitivity(model, groups, images, labels, input_size=size, ratios=tuple(sorted(ratios)),
                                  p=1 if method == "l1-struct" else 2, target_sparsity=sparsity, target_macs=target)

@@ -73,9 +73,9 @@ def step_row(work: Work, step: int, top1_pruned: float, fit_result: FitResult | 
 
     params, nonzero = count_params(work.model)
     row = {"step": step, "params": params, "nonzero_params": nonzero,
-           "macs": count_macs(work.model, work.input_size), "top1_pruned": round(top1_pruned, 3)}
+           "macs": count_macs(work.model, work.input_size), "val_top1_pruned": round(top1_pruned, 3)}
     if fit_result is not None:
-        row["top1_finetuned"] = round(fit_result.best_top1, 3)
+        row["val_top1_finetuned"] = round(fit_result.best_top1, 3)
     return row
 
 
@@ -95,7 +95,7 @@ def run_structured(work: Work) -> None:
             pruner.step()
         work.top1_pruned = work.top1(work.model)
         label = f"prune step {k}/{n}" if n > 1 else "prune"
-        log(f"{label}: top-1 {work.top1_pruned:.2f}% before fine-tuning")
+        log(f"{label}: val top-1 {work.top1_pruned:.2f}% before fine-tuning")
         fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune")
         work.steps.append(step_row(work, k, work.top1_pruned, fit_result))
 
@@ -107,7 +107,7 @@ def run_sfp(work: Work) -> None:
     hook = SoftFilterHook(work.model, plan, groups, work.input_size)
     zeroed = hook.zero()
     work.top1_pruned = work.top1(work.model)
-    log(f"sfp: {zeroed} channels zeroed, top-1 {work.top1_pruned:.2f}%; fine-tuning with soft pruning each epoch")
+    log(f"sfp: {zeroed} channels zeroed, val top-1 {work.top1_pruned:.2f}%; fine-tuning with soft pruning each epoch")
     work.finetuned("fine-tune sfp", (hook,))
     assert work.probe is not None
     diff = hook.remove(work.model, work.probe())
@@ -129,7 +129,7 @@ def run_unstructured(work: Work) -> None:
         apply_masks(work.model, masks)
         work.top1_pruned = work.top1(work.model)
         label = f"prune step {k}/{n}" if n > 1 else "prune"
-        log(f"{label}: {sparsity:.1%} of the weights zeroed, top-1 {work.top1_pruned:.2f}% before fine-tuning")
+        log(f"{label}: {sparsity:.1%} of the weights zeroed, val top-1 {work.top1_pruned:.2f}% before fine-tuning")
         fit_result = work.finetuned(f"fine-tune {label}" if n > 1 else "fine-tune", (MaskHook(work.model, masks),))
         # The masks are not re-applied here: the hook must have kept them through fine-tuning.
         modules = dict(work.model.named_modules())

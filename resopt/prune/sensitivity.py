@@ -53,7 +53,7 @@ class SensitivityReport:
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "ratios": list(self.ratios), "baseline_top1": round(self.baseline_top1, 3),
-            "baseline_macs": self.baseline_macs, "images": self.images,
+            "baseline_macs": self.baseline_macs, "images": self.images, "split": "val",
             "layers": [{"name": s.group.name, "channels": s.group.channels, "layers": len(s.group.members),
                         "top1_drop": {f"{r:g}": round(self.baseline_top1 - t, 3) for r, t in s.top1.items()},
                         "macs": {f"{r:g}": m for r, m in s.macs.items()}} for s in self.layers],

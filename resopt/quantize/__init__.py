@@ -104,8 +104,12 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
     cs = calib_set(cfg, src.classes, src.meta.get("lineage")) if needs_calib else None
     evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
         if cfg.data is not None else None
+    # --max-drop chooses which layers stay FP32: on the validation split the model's lineage records, never test.
+    val_evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed,
+                           split="val", lineage=src.meta.get("lineage")) \
+        if cfg.data is not None and cfg.max_drop is not None else None
     with tempfile.TemporaryDirectory(prefix="resopt-quantize-") as tmp_name:
-        job = prepare(src, cfg, cs, evals, Path(tmp_name))
+        job = prepare(src, cfg, cs, evals, Path(tmp_name), val_evals)
         mode.produce(job)
         job.produced.excluded = tuple(job.produced.reasons)
         result = verify_and_write(src, output, cfg, cs, evals, job.produced, t0=t0)

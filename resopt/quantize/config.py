@@ -146,7 +146,7 @@ class QuantizeConfig:
             raise UsageError("--limit-per-class limits the --data test split; pass --data")
         if self.max_drop is not None:
             if self.data is None:
-                raise UsageError("--max-drop measures the top-1 drop on the --data test split; pass --data",
+                raise UsageError("--max-drop measures the top-1 drop on the --data validation split; pass --data",
                                  hint="resopt quantize m.onnx --mode int8 --max-drop 0.5 --data cifar10")
             if self.max_drop < 0:
                 raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")

@@ -7,7 +7,8 @@ in INT8 and the signal-to-quantization-noise ratio of its logits against the FP3
 own error instead of the error it inherits from the layers before it, which is what decides whether
 keeping it in FP32 helps. The calibrated ranges are computed once and reused for every re-quantization.
 
-The drop itself is measured where the user asked for it, on the ``--data`` test split. Layers are kept
+The drop itself is measured on the ``--data`` validation split (the one the model's lineage records,
+re-derived; never test, which the chosen model is reported on). Layers are kept
 in FP32 worst first, in growing steps (1, 2, 3, 4, 6, 8, ...), up to ``max_exclude`` layers: past a
 quarter of the layers most of the INT8 speed is gone, so that is the default bound.
 """

@@ -90,7 +90,7 @@ def _produce_int8(job: Job) -> None:
     if job.cfg.max_drop is None:
         build(job.produced.path, exclude=job.cfg.exclude)
     else:
-        guard(job.produced, build, job.src, job.prepped, job.cfg, job.cs, job.evals, job.tmp)
+        guard(job.produced, build, job.src, job.prepped, job.cfg, job.cs, job.val_evals, job.tmp)
 
 
 def _dynamic_settings(cfg: QuantizeConfig, reduce_range: bool) -> dict[str, Any]:
@@ -157,7 +157,7 @@ def _produce_fixed(job: Job) -> None:
     if job.cfg.max_drop is None:
         build_fixed(job.produced.path, exclude=job.cfg.exclude)
     else:  # fixed point leaves residual adds in float, so the guard does not rank them
-        guard(job.produced, build_fixed, job.src, job.prepped, job.cfg, job.cs, job.evals, job.tmp,
+        guard(job.produced, build_fixed, job.src, job.prepped, job.cfg, job.cs, job.val_evals, job.tmp,
               skip_ops=("Add",))
     job.produced.extra["formats"] = dict(formats)
 

@@ -80,16 +80,24 @@ Batches = Iterable[tuple["np.ndarray", "np.ndarray"]]
 
 
 class EvalImages:
-    """The ``--data`` test split with the model's preprocessing, decoded once when it fits in memory
-    (the guard evaluates many candidate models on it) and streamed otherwise."""
+    """A split of ``--data`` with the model's preprocessing, decoded once when it fits in memory (the guard
+    evaluates many candidate models on it) and streamed otherwise: ``test`` (what is reported, and what the
+    result is checked against its parent on) or ``val`` (what ``--max-drop`` decides on: the validation split
+    the model's ``lineage`` records, re-derived)."""
 
     CACHE_BYTES = 1 << 30
 
     def __init__(self, data: str, pre: Preprocess, classes: list[str], *, per_class: int | None, seed: int,
-                 batch_size: int = 64) -> None:
-        from resopt.data import check_classes, classes_of, load_eval_set, make_loader
+                 batch_size: int = 64, split: str = "test", lineage: list[dict[str, Any]] | None = None) -> None:
+        from resopt.data import check_classes, classes_of, load_eval_set, load_val_set, make_loader
 
-        self.dataset = load_eval_set(data, pre, split="test", per_class=per_class, seed=seed)
+        self.split = split
+        if split == "val":
+            self.dataset, vs = load_val_set(data, pre, lineage=lineage, per_class=per_class, seed=seed)
+            self.note = vs.describe(len(self.dataset))  # type: ignore[arg-type]
+        else:
+            self.dataset = load_eval_set(data, pre, split="test", per_class=per_class, seed=seed)
+            self.note = f"{len(self.dataset):,} test images"  # type: ignore[arg-type]
         check_classes(classes, classes_of(self.dataset), model_name="the model", data=data)
         self._loader = make_loader(self.dataset, batch_size, shuffle=False)
         self.total = len(self._loader)
@@ -242,9 +250,11 @@ class Job:
     ranges: Ranges | None
     reduce_range: bool
     produced: Produced
+    val_evals: EvalImages | None = None  # what --max-drop decides on
 
 
-def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalImages | None, tmp: Path) -> Job:
+def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalImages | None, tmp: Path,
+            val_evals: EvalImages | None = None) -> Job:
     """The steps before any mode's own work: onnxruntime's pre-processing, the ``--exclude`` check, and, for a
     mode that calibrates, the activation ranges (``--calib-method`` where the mode takes it, else minmax)."""
     from resopt.quantize import ort as q
@@ -261,13 +271,14 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
                              "minmax", symmetric=cfg.target == "trt", workdir=tmp)
         produced.options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
                                  "seed": cfg.seed, "calib_preprocess": src.pre.to_dict()})
-    return Job(src, cfg, cs, evals, tmp, prepped, ranges, reduce_range, produced)
+    return Job(src, cfg, cs, evals, tmp, prepped, ranges, reduce_range, produced, val_evals)
 
 
 def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: QuantizeConfig,
           cs: CalibSet | None, evals: EvalImages | None, tmp: Path, *, skip_ops: tuple[str, ...] = ()) -> None:
     """The accuracy guard (``--max-drop``) around ``build``: ranks the layers (but those of ``skip_ops``, which
-    the mode leaves in float) and keeps the most sensitive in FP32 until the drop is within bounds."""
+    the mode leaves in float) and keeps the most sensitive in FP32 until the drop, measured on ``evals`` (the
+    validation split, never test), is within bounds."""
     import numpy as np
     import onnx
 
@@ -275,7 +286,8 @@ def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: Quant
     from resopt.quantize.guard import run_guard
     from resopt.quantize.lint import lint_qdq
 
-    assert evals is not None and cfg.max_drop is not None
+    assert evals is not None and evals.split == "val" and cfg.max_drop is not None
+    log(f"accuracy guard: deciding on val ({evals.note}); test is measured once, on the chosen model")
     if cs is None:
         cs = calib_set(cfg, src.classes, src.meta.get("lineage"))
     layers = [la.name for la in lint_qdq(onnx.load(str(prepped))).layers
@@ -291,6 +303,8 @@ def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: Quant
     produced.options.update({"max_drop": cfg.max_drop, "max_exclude": cfg.max_exclude,
                              "guard_excluded": [n for n in g.chosen.excluded if n not in cfg.exclude]})
     produced.metrics["guard_drop"] = round(g.chosen.drop, 3)
+    produced.metrics["guard_split"] = "val"
+    produced.metrics["guard_images"] = len(evals.dataset)  # type: ignore[arg-type]
     produced.extra["guard"] = g.summary()
 
 
@@ -342,7 +356,7 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
     metrics: dict[str, Any] = {"agreement": cmp.top1_agreement, "agreement_images": cmp.images, "agreement_on": on,
                                "parent_size_bytes": parent_score.size_bytes, **produced.metrics}
     if labelled:
-        metrics.update({"top1": cmp.top1, "top5": cmp.top5,
+        metrics.update({"top1": cmp.top1, "top5": cmp.top5, "split": "test",
                         "eval_images": cmp.images, "data": cfg.data})
         if parent_acc is not None:
             metrics.update({"parent_top1": parent_acc[0], "parent_top5": parent_acc[1]})

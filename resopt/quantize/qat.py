@@ -331,12 +331,13 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
         qat_opts = cfg.mode_options(QatOptions)
+        # The model's recorded validation split: QAT fine-tuning never trains on its parent's val images.
         data = prepare_data(DataOptions(data_spec, cfg.limit_per_class, None, cfg.seed, qat_opts.data_path),
-                            preprocess=pre, device=train_cfg.device)
+                            preprocess=pre, device=train_cfg.device, lineage=ckpt.get("lineage"))
         from resopt.data import check_classes
 
         check_classes(classes, data.classes, model_name=str(checkpoint), data=data_spec)
-        fitted = fit(qm.module, data.train, data.eval, train_cfg, description="qat")
+        fitted = fit(qm.module, data.train, data.val, train_cfg, description="qat", val_note=data.val_note)
         # Ranges follow the fine-tuned weights, as the ONNX's calibration below will.
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
         fq = torch_infer(qm)

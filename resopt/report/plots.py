@@ -229,16 +229,20 @@ def tree_plot(nodes: Sequence[tuple[str, int, str, str]], *, title: str) -> Any:
 
 
 def curves_plot(runs: Sequence[tuple[str, list[dict[str, Any]]]], *, title: str) -> Any:
-    """Loss, train top-1 and test top-1 per epoch, one line per training or fine-tuning run."""
+    """Loss, train top-1 and val top-1 per epoch, one line per training or fine-tuning run."""
     from matplotlib.ticker import MaxNLocator
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(14.0, 4.6), dpi=DPI)
     fig.subplots_adjust(left=0.05, right=0.98, top=0.80, bottom=0.13, wspace=0.22)
-    panels = (("loss", "training loss"), ("train_top1", "train top-1 (%)"), ("top1", "test top-1 (%)"))
+    # Epochs are chosen on val, so val is what each epoch records; runs written before splits were recorded
+    # have "top1" instead, on a split the file does not say.
+    panels = (("loss", "training loss"), ("train_top1", "train top-1 (%)"),
+              ("val_top1", "val top-1 (%) (older runs: split unknown)"))
     for ax, (key, label) in zip(axes, panels, strict=True):
         for name, rows in runs:
-            pts = [(i + 1, r[key]) for i, r in enumerate(rows) if r.get(key) is not None]
+            pts = [(i + 1, r.get(key, r.get("top1") if key == "val_top1" else None)) for i, r in enumerate(rows)]
+            pts = [p for p in pts if p[1] is not None]
             if pts:
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=name)
         ax.set_xlabel("epoch of the run")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.artifacts import KIND_BY_SUFFIX, sha256_file
+from resopt.data.splits import split_of
 from resopt.errors import InputFileError
 
 TECHNIQUES = ("baseline", "pruned", "distilled", "quantized", "combined")
@@ -76,7 +77,7 @@ class Record:
     lineage: list[dict[str, Any]] = field(default_factory=list)
     top1: float | None = None
     top5: float | None = None
-    accuracy_source: str | None = None  # "bench --data X" or "lineage: COMMAND"
+    accuracy_source: str | None = None  # "bench --data X, test" or "lineage: COMMAND, SPLIT"
     latency: list[Latency] = field(default_factory=list)
     technique: str = "baseline"
     step: str = "?"
@@ -96,13 +97,19 @@ class Record:
     def metric(self, name: str) -> float | None:
         return self.top1 if name == "top1" else self.top5
 
+    @property
+    def accuracy_split(self) -> str | None:
+        """test, val or "split unknown": what ``top1``/``top5`` were measured on."""
+        return self.accuracy_source.rsplit(", ", 1)[-1] if self.accuracy_source and ", " in self.accuracy_source \
+            else None
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "name": self.name, "path": self.path, "sha256": self.sha256, "kind": self.kind, "format": self.format,
             "arch": self.arch, "technique": self.technique, "step": self.step, "parent_sha256": self.parent,
             "edge": self.edge, "root_sha256": self.root, "depth": self.depth, "file_bytes": self.file_bytes,
             "params": self.params, "nonzero_params": self.nonzero_params, "macs": self.macs, "top1": self.top1,
-            "top5": self.top5, "accuracy_source": self.accuracy_source,
+            "top5": self.top5, "accuracy_source": self.accuracy_source, "accuracy_split": self.accuracy_split,
             "latency": [c.__dict__ for c in self.latency], "pareto": self.pareto, "vs_root": self.vs_root,
             "lineage_commands": [str(e.get("command", "?")) for e in self.lineage],
             "runtime": self.runtime, "same_file_as": self.same_file_as,
@@ -210,7 +217,7 @@ def read_record(path: Path) -> Record:
     last = (rec.lineage[-1].get("metrics") or {}) if rec.lineage else {}
     if last.get("top1") is not None:
         rec.top1, rec.top5 = float(last["top1"]), _float(last.get("top5"))
-        rec.accuracy_source = f"lineage: {rec.lineage[-1].get('command', '?')}"
+        rec.accuracy_source = f"lineage: {rec.lineage[-1].get('command', '?')}, {split_of(last)}"
     return rec
 
 
@@ -308,7 +315,7 @@ def _attach(rec: Record, row: BenchRow) -> None:
     if acc and acc.get("top1") is not None and (rec.accuracy_source is None or
                                                  rec.accuracy_source.startswith("lineage")):
         rec.top1, rec.top5 = float(acc["top1"]), _float(acc.get("top5"))
-        rec.accuracy_source = f"bench --data {row.accuracy_data}"
+        rec.accuracy_source = f"bench --data {row.accuracy_data}, {acc.get('split', 'test')}"
     device = str(m.get("device", "cpu"))
     device = "gpu" if device.startswith(("cuda", "gpu")) else "cpu" if device.startswith("cpu") else device
     for b in m["batches"]:

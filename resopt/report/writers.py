@@ -52,7 +52,7 @@ def table(report: Report, *, all_latencies: bool = True) -> tuple[list[str], lis
     coords = report.coordinates if all_latencies else \
         ([(report.device, report.batch_size)] if report.device is not None else [])
     header = ["#", "model", "made by", "technique", "size (MB)", "params", "non-zero", "MACs",
-              "top-1 (%)", "top-5 (%)"]
+              "top-1 (%)", "top-5 (%)", "split"]
     header += [f"{d} b{b} p50 ms (img/s)" for d, b in coords]
     header += ["vs reference", "Pareto"]
     by_sha = {r.sha256: r for r in report.records}
@@ -64,7 +64,8 @@ def table(report: Report, *, all_latencies: bool = True) -> tuple[list[str], lis
             f"{100 * r.nonzero_params / r.params:.0f}%"
         row = [str(i), ("  " * r.depth) + r.name, r.step, r.technique, fmt_mb(r.file_bytes), fmt_count(r.params),
                nonzero, fmt_count(r.macs), fmt_pct(r.top1) + (mark if r.top1 is not None else ""),
-               fmt_pct(r.top5) + (mark if r.top5 is not None else "")]
+               fmt_pct(r.top5) + (mark if r.top5 is not None else ""),
+               r.accuracy_split or MISSING]
         for d, b in coords:
             c = r.latency_at(str(d), int(b or 0))
             row.append(MISSING if c is None else f"{c.p50_ms:.3g} ({c.throughput_ips:.0f})")
@@ -75,8 +76,10 @@ def table(report: Report, *, all_latencies: bool = True) -> tuple[list[str], lis
 
 def legend_lines(report: Report) -> list[str]:
     lines = [f"{MISSING}: not recorded by any input (never estimated).",
-             "†: the accuracy the producing command recorded on its own evaluation split (no `bench --data` "
-             "measurement of this file among the inputs); other accuracies were measured by `resopt bench --data`.",
+             "†: the accuracy the producing command recorded (no `bench --data` measurement of this file among "
+             "the inputs); other accuracies were measured by `resopt bench --data`. split: what the accuracy was "
+             "measured on (test; val where the data has no test split; \"split unknown\" for artifacts written "
+             "before resopt recorded it).",
              f"★ Pareto: no other row has at least the {report.metric_name} and at most the file size (size) or "
              "the p50 latency per batch of N on that device (DEVICE bN), and is better in one of the two.",
              "vs reference: file size and p50 latency ratios against the reference row, and the difference in "

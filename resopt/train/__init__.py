@@ -1,8 +1,10 @@
 """Training: ``fit`` (the loop every stage reuses) and ``train_model`` (the ``train`` command's work).
 
 ``fit`` trains any ``nn.Module`` with SGD (momentum, Nesterov) or AdamW, a per-step cosine schedule with
-linear warm-up, label smoothing, AMP and channels_last on CUDA, and evaluates top-1/top-5 each epoch,
-keeping the best weights. Distillation, pruning fine-tunes and QAT plug in through ``loss_fn`` (a
+linear warm-up, label smoothing, AMP and channels_last on CUDA, and evaluates top-1/top-5 on the
+validation split each epoch, keeping the best weights (``--select last``: the last). ``prepare_data`` gives
+every training command the same three splits (``resopt.data.splits``); ``measure_test`` measures the kept
+model on test once, after the choice. Distillation, pruning fine-tunes and QAT plug in through ``loss_fn`` (a
 different loss) and ``hooks`` (re-applying masks after each step, zeroing filters each epoch, ...).
 
 Under ``torchrun`` it trains data-parallel with DistributedDataParallel (NCCL on CUDA, gloo on CPU);
@@ -28,6 +30,7 @@ from resopt.artifacts import (
 )
 from resopt.backends.cuda import resolve_device
 from resopt.console import log
+from resopt.data.splits import ValSplit
 from resopt.train.loop import (
     OPTIMIZERS,
     FitResult,
@@ -41,11 +44,16 @@ from resopt.train.loop import (
 )
 
 if TYPE_CHECKING:
+    from torch import nn
     from torch.utils.data import Dataset
+
+    from resopt.data import Splits
+    from resopt.metrics import TopK
 
 __all__ = [
     "OPTIMIZERS", "DataOptions", "FitResult", "Hook", "LossFn", "PreparedData", "TrainConfig", "TrainResult",
-    "evaluate", "fit", "prepare_data", "resume_path_for", "seed_everything", "train_model",
+    "evaluate", "fit", "measure_test", "prepare_data", "resume_path_for", "seed_everything", "split_metrics",
+    "train_model",
 ]
 
 
@@ -55,7 +63,7 @@ class DataOptions:
 
     data: str
     limit_per_class: int | None = None
-    val_split: float | None = None  # hold out this fraction of train; else evaluate on the test split
+    val_split: float | None = None  # hold out this fraction of train; None: the data's val/ or the default
     seed: int = 0
     data_path: str = "auto"  # fast (decoded tensors), pil (a DataLoader over PIL transforms) or auto
 
@@ -69,36 +77,45 @@ class TrainResult:
     preprocess: Preprocess
     fit: FitResult
     train_images: int
-    eval_images: int
-    eval_split: str
+    metrics: dict[str, Any]
 
     def summary(self) -> dict[str, Any]:
         return {"output": str(self.output), "arch": self.arch, "params": self.params, "macs": self.macs,
-                "train_images": self.train_images, "eval_images": self.eval_images, "eval_split": self.eval_split,
-                **self.fit.metrics(), "history": self.fit.history}
+                "train_images": self.train_images, **self.metrics, "history": self.fit.history}
 
 
 @dataclass
 class PreparedData:
     train: Dataset
-    eval: Dataset | None
+    val: Dataset
+    test: Dataset | None
     classes: list[str]
     preprocess: Preprocess
-    eval_split: str
+    splits: dict[str, Any]  # what the lineage records (Splits.record)
+    val_split: ValSplit
     data_path: str = "pil"  # the path taken: "fast" (decoded tensors) or "pil"
+
+    @property
+    def val_note(self) -> str:
+        """``40 images held out of train``: where the validation images came from, for progress lines."""
+        return self.val_split.describe(len(self.val))  # type: ignore[arg-type]
 
 
 def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, input_size: int | None = None,
-                 arch_default_size: int = 32, device: str = "auto") -> PreparedData:
-    """Resolve ``--data`` into train/eval datasets with augmentation; decide preprocessing if not given.
+                 arch_default_size: int = 32, device: str = "auto",
+                 lineage: list[dict[str, Any]] | None = None) -> PreparedData:
+    """Resolve ``--data`` into fit/val/test datasets with augmentation; decide preprocessing if not given.
 
+    ``lineage``: the parent model's, whose recorded validation split is re-derived (``resopt.data.splits``).
     Small images take the fast path (decoded once into tensors, ``data.decoded``) when ``opts.data_path``
     asks for it, or by default when they fit in memory (on ``device`` when that is a GPU)."""
     from resopt.data import (
+        choose_val_split,
         compute_normalization,
         decide_input_size,
         eval_transform,
         limit_per_class,
+        recorded_val_split,
         resolve_data,
         train_transform,
     )
@@ -113,52 +130,78 @@ def prepare_data(opts: DataOptions, *, preprocess: Preprocess | None = None, inp
         from resopt.errors import DataError
 
         raise DataError(f"data {opts.data} has no train/ folder to train on")
+    recorded = recorded_val_split(lineage)
+    val_split = choose_val_split(source, requested=opts.val_split, seed=opts.seed, recorded=recorded)
+    rec_sha = recorded.get("sha256") if recorded is not None and ValSplit.from_dict(recorded) == val_split else None
     if preprocess is None:
         size, resize = decide_input_size(source, input_size, arch_default_size)
         raw = limit_per_class(source.dataset("train"), opts.limit_per_class, seed=opts.seed)
         mean, std = compute_normalization(raw, seed=opts.seed)
         preprocess = Preprocess(input_size=size, mean=mean, std=std, resize=resize)
     main = int(os.environ.get("RANK", "0")) == 0
+
+    def splits(train_tf: Any, eval_tf: Any) -> Splits:
+        from resopt.data import make_splits
+
+        return make_splits(source, val_split, train_tf=train_tf, eval_tf=eval_tf, per_class=opts.limit_per_class,
+                           seed=opts.seed, recorded_sha256=rec_sha)
+
     if opts.data_path == "fast" or (opts.data_path == "auto" and fast_path_applies(preprocess)):
         decode = decode_transform(preprocess)
-        train_set, eval_set, classes, split = _splits(source, opts, decode, decode)
-        n = len(train_set) + (len(eval_set) if eval_set is not None else 0)  # type: ignore[arg-type]
+        sp = splits(decode, decode)
+        n = sum(len(d) for d in (sp.fit, sp.val, sp.test) if d is not None)  # type: ignore[arg-type, misc]
         # Raises for --data-path fast on large images; auto falls back to PIL when over the memory budget.
         choice = choose_data_path(opts.data_path, preprocess, n, device=resolve_device(device))
         if choice.path == "fast":
             if main:
                 log(f"data path: fast ({choice.reason}; decoding once, augmenting per batch)")
-            train = decode_images(train_set, preprocess, classes, augment=True, what="train")
-            ev = decode_images(eval_set, preprocess, classes, augment=False, what=split) \
-                if eval_set is not None else None
-            return PreparedData(train, ev, classes, preprocess, split, "fast")
+            classes = sp.classes
+            train = decode_images(sp.fit, preprocess, classes, augment=True, what="train")
+            val = decode_images(sp.val, preprocess, classes, augment=False, what="val")
+            test = decode_images(sp.test, preprocess, classes, augment=False, what="test") \
+                if sp.test is not None else None
+            return PreparedData(train, val, test, classes, preprocess, sp.record(), val_split, "fast")
         if main:
             log(f"data path: pil ({choice.reason})")
-    train_set, eval_set, classes, split = _splits(source, opts, train_transform(preprocess),
-                                                  eval_transform(preprocess))
-    return PreparedData(train_set, eval_set, classes, preprocess, split, "pil")
+    sp = splits(train_transform(preprocess), eval_transform(preprocess))
+    return PreparedData(sp.fit, sp.val, sp.test, sp.classes, preprocess, sp.record(), val_split, "pil")
 
 
-def _splits(source: Any, opts: DataOptions, train_tf: Any, eval_tf: Any) -> tuple[
-        Dataset, Dataset | None, list[str], str]:
-    """(train, eval, classes, eval split name) of ``source`` with these transforms, limited and split."""
-    from resopt.data import check_split_classes, classes_of, limit_per_class, split_validation
+def split_metrics(fitted: FitResult | None, val: tuple[float, float], test: TopK | None,
+                  prepared: PreparedData) -> dict[str, Any]:
+    """The metrics every training command records: ``val_*`` (what was chosen on), ``test_*`` (measured once,
+    after the choice), and ``top1``/``top5`` with their ``split`` and ``eval_images``: test where the data has
+    a test split, else val. ``splits`` says how many images each split had and how val was chosen."""
+    n_val = len(prepared.val)  # type: ignore[arg-type]
+    d: dict[str, Any] = {"val_top1": round(val[0], 3), "val_top5": round(val[1], 3), "val_images": n_val}
+    if fitted is not None:
+        d.update(fitted.metrics())
+    if test is not None:
+        d.update({"test_top1": round(test.top1, 3), "test_top5": round(test.top5, 3), "test_images": test.n,
+                  "top1": round(test.top1, 3), "top5": round(test.top5, 3), "split": "test", "eval_images": test.n})
+    else:
+        d.update({"top1": d["val_top1"], "top5": d["val_top5"], "split": "val", "eval_images": n_val})
+    return {**d, "splits": prepared.splits}
 
-    train_full = source.dataset("train", train_tf)
-    classes = classes_of(train_full)
-    train_full = limit_per_class(train_full, opts.limit_per_class, seed=opts.seed)
-    eval_set: Dataset | None
-    if opts.val_split:
-        eval_full = source.dataset("train", eval_tf)
-        eval_full = limit_per_class(eval_full, opts.limit_per_class, seed=opts.seed)
-        train_set, _ = split_validation(train_full, opts.val_split, seed=opts.seed)
-        _, eval_set = split_validation(eval_full, opts.val_split, seed=opts.seed)
-        return train_set, eval_set, classes, "val"
-    eval_set = source.dataset("test", eval_tf) if source.test_dir or source.kind == "torchvision" else None
-    if eval_set is not None:
-        check_split_classes(classes, classes_of(eval_set), data=opts.data)
-        eval_set = limit_per_class(eval_set, opts.limit_per_class, seed=opts.seed)
-    return train_full, eval_set, classes, "test" if eval_set is not None else "none"
+
+def measure_test(model: nn.Module, prepared: PreparedData, cfg: TrainConfig, *, what: str,
+                 when: str = "after the choice") -> TopK | None:
+    """top-1/top-5 of ``model`` on the test split, once, after every choice was made on val; logged as
+    ``test top-1 83.70% (10,000 test images, measured once, after the choice)``."""
+    if prepared.test is None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            log(f"{what}: data has no test split; the val numbers are the ones reported")
+        return None
+    from resopt.data import make_loader
+
+    device = resolve_device(cfg.device)
+    loader = make_loader(prepared.test, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers, device=device)
+    acc = evaluate(model.to(device), loader, device)
+    model.to("cpu")
+    if int(os.environ.get("RANK", "0")) == 0:
+        log(f"{what}: test top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}% ({acc.n:,} test images, measured once, "
+            f"{when})")
+    return acc
 
 
 def train_model(
@@ -190,26 +233,27 @@ def train_model(
         prepared = prepare_data(data, preprocess=pre, device=cfg.device)
     seed_everything(cfg.seed)
     model = build_model(arch, len(prepared.classes), width=width, pretrained=pretrained)
-    if int(os.environ.get("RANK", "0")) == 0:
+    main = int(os.environ.get("RANK", "0")) == 0
+    if main:
+        test_txt = f", reporting on {len(prepared.test):,} test images" if prepared.test is not None else ""  # type: ignore[arg-type]
         log(f"training {arch} ({len(prepared.classes)} classes, input {pre.input_size}px) on "
-            f"{len(prepared.train)} images; evaluating on {len(prepared.eval) if prepared.eval else 0} "  # type: ignore
-            f"{prepared.eval_split} images")
-    result = fit(model, prepared.train, prepared.eval, cfg, resume_path=resume_path_for(output), resume=resume,
-                 description=f"train {arch}")
+            f"{len(prepared.train):,} images; choosing on val ({prepared.val_note}){test_txt}")  # type: ignore[arg-type]
+    result = fit(model, prepared.train, prepared.val, cfg, resume_path=resume_path_for(output), resume=resume,
+                 description=f"train {arch}", val_note=prepared.val_note)
+    test = measure_test(model, prepared, cfg, what=f"train {arch}")
     params, _ = count_params(model)
     macs = count_macs(model, pre.input_size)
-    metrics = {**result.metrics(), "eval_split": prepared.eval_split, "params": params, "macs": macs}
+    metrics = {**split_metrics(result, (result.best_top1, result.best_top5), test, prepared),
+               "params": params, "macs": macs}
     opts = {"arch": arch, "width": width, "pretrained": pretrained, "data": data.data,
-            "limit_per_class": data.limit_per_class, "val_split": data.val_split, "data_path": data.data_path,
-            **asdict(cfg),
-            **(options or {})}
+            "limit_per_class": data.limit_per_class, "val_split": prepared.val_split.fraction,
+            "data_path": data.data_path, **asdict(cfg), **(options or {})}
     ckpt = make_checkpoint(arch=arch, arch_kwargs={"width": width}, state_dict=model.state_dict(),
                            classes=prepared.classes, preprocess=pre,
                            lineage=[lineage_entry("train", options=opts,
                                                  metrics={**metrics, "history": result.history})],
                            metrics=metrics, widths=model_widths(model))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if main:
         save_checkpoint(ckpt, output)
     return TrainResult(output=output, arch=arch, params=params, macs=macs, preprocess=pre, fit=result,
-                       train_images=len(prepared.train), eval_images=len(prepared.eval or []),  # type: ignore
-                       eval_split=prepared.eval_split)
+                       train_images=len(prepared.train), metrics=metrics)  # type: ignore[arg-type]

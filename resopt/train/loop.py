@@ -1,6 +1,7 @@
 """The training loop every stage reuses: ``fit`` trains any ``nn.Module`` with SGD (momentum, Nesterov) or
 AdamW, a per-step cosine schedule with linear warm-up, label smoothing, AMP and channels_last on CUDA, and
-evaluates top-1/top-5 each epoch, keeping the best weights; with its resume state and data-parallel setup."""
+evaluates top-1/top-5 on the validation split each epoch, keeping the best weights (or the last); with its
+resume state and data-parallel setup."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from resopt.artifacts import (
 )
 from resopt.backends.cuda import resolve_device
 from resopt.console import log, progress
+from resopt.data.splits import SELECT
 from resopt.errors import InputFileError, UsageError, choice_error
 from resopt.metrics import TopK
 
@@ -48,7 +50,7 @@ class TrainConfig:
     device: str = "auto"
     workers: int | None = None
     time_budget: float | None = None  # seconds; see fit
-
+    select: str = "best"  # the epoch kept: best by val top-1, or the last (too little data to choose on)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -63,6 +65,8 @@ class TrainConfig:
             raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.warmup_epochs < 0:
             raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
+        if self.select not in SELECT:
+            raise choice_error("--select", self.select, SELECT)
         if self.time_budget is not None and not 0 < self.time_budget < math.inf:
             raise UsageError(f"--time-budget must be a positive number of seconds, got {self.time_budget}")
 
@@ -93,9 +97,12 @@ class FitResult:
     data_path: str = "pil"  # "fast" when the training set was a decoded tensor (data.decoded)
     epochs: int = 0  # epochs trained (fewer than asked when a time budget ended training)
 
+    select: str = "best"
+
     def metrics(self) -> dict[str, Any]:
-        return {"top1": round(self.best_top1, 3), "top5": round(self.best_top5, 3),
-                "best_epoch": self.best_epoch, "train_seconds": round(self.seconds, 1),
+        """What the lineage records of the fit; the kept epoch's top-1/top-5 were measured on val."""
+        return {"best_epoch": self.best_epoch, "select": self.select, "selected_on": "val",
+                "train_seconds": round(self.seconds, 1),
                 "train_images_per_sec": round(self.images_per_sec, 1), "device": self.device,
                 "world_size": self.world_size, "data_path": self.data_path, "epochs": self.epochs}
 
@@ -187,7 +194,7 @@ def _make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def fit(
     model: nn.Module,
     train_set: Dataset,
-    eval_set: Dataset | None,
+    val_set: Dataset | None,
     cfg: TrainConfig,
     *,
     loss_fn: LossFn | None = None,
@@ -195,8 +202,11 @@ def fit(
     resume_path: Path | None = None,
     resume: bool = False,
     description: str = "train",
+    val_note: str = "",
 ) -> FitResult:
-    """Train ``model`` in place; on return it holds the best weights (by eval top-1; the last if no eval set).
+    """Train ``model`` in place; on return it holds the weights of the epoch ``cfg.select`` keeps: the best by
+    top-1 on ``val_set`` (the validation split, never test), or the last (also when there is no val set).
+    ``val_note`` says where the validation images came from, for the progress lines.
 
     ``resume_path``: a file where the full training state is saved after each epoch, so ``resume=True``
     continues an interrupted run from its last finished epoch; it is removed when training completes.
@@ -231,9 +241,9 @@ def fit(
                                drop_last=len(train_set) > cfg.batch_size, sampler=sampler,  # type: ignore
                                device=device)
     eval_loader = None
-    if eval_set is not None:
-        eval_sampler: Any = DistributedSampler(eval_set, shuffle=False) if dist.world_size > 1 else None
-        eval_loader = make_loader(eval_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
+    if val_set is not None:
+        eval_sampler: Any = DistributedSampler(val_set, shuffle=False) if dist.world_size > 1 else None
+        eval_loader = make_loader(val_set, max(cfg.batch_size, 256), shuffle=False, workers=cfg.workers,
                                   sampler=eval_sampler, device=device)
     data_path = "fast" if isinstance(train_set, DecodedImages) else "pil"
 
@@ -332,8 +342,10 @@ def fit(
                "images_per_sec": round(epoch_images / train_seconds, 1) if train_seconds > 0 else 0.0}
         if eval_loader is not None:
             acc = evaluate(model, eval_loader, device, dist=dist, channels_last=channels_last)
-            row.update({"top1": round(acc.top1, 3), "top5": round(acc.top5, 3)})
-            if acc.top1 > best["top1"]:
+            row.update({"val_top1": round(acc.top1, 3), "val_top5": round(acc.top5, 3)})
+            if cfg.select == "last":  # the model already holds the last weights: no copy
+                best = {"top1": acc.top1, "top5": acc.top5, "epoch": epoch + 1, "state": None}
+            elif acc.top1 > best["top1"]:
                 best = {"top1": acc.top1, "top5": acc.top5, "epoch": epoch + 1,
                         "state": copy.deepcopy(model.state_dict())}
         else:
@@ -342,7 +354,9 @@ def fit(
         if cfg.time_budget is not None:
             _plan_epochs(planned, cfg, epoch, start_epoch, time.perf_counter() - t_start, dist.world_size)
         if dist.main:
-            eval_txt = f"  top1 {row['top1']:.2f}%  top5 {row['top5']:.2f}%" if "top1" in row else ""
+            note = f" ({val_note})" if val_note else ""
+            eval_txt = f"  val top-1 {row['val_top1']:.2f}%  top-5 {row['val_top5']:.2f}%{note}" \
+                if "val_top1" in row else ""
             log(f"{description} epoch {epoch + 1}/{planned['epochs']}  loss {row['loss']:.4f}  "
                 f"train {row['train_top1']:.1f}%{eval_txt}  {row['seconds']:.1f}s  "
                 f"{row['images_per_sec']:.0f} img/s")
@@ -351,6 +365,9 @@ def fit(
                                    train_loader.generator, planned["epochs"])  # type: ignore[arg-type]
 
     seconds = time.perf_counter() - t_start
+    if dist.main and history:
+        log(f"{description}: best epoch {best['epoch']} (chosen on val)" if cfg.select == "best" and eval_loader
+            else f"{description}: kept the last epoch, {best['epoch']} (--select {cfg.select})")
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.to("cpu")
@@ -363,7 +380,8 @@ def fit(
     return FitResult(best_top1=float(best["top1"]), best_top5=float(best["top5"]), best_epoch=int(best["epoch"]),
                      last=last, history=history, seconds=seconds,
                      images_per_sec=images_seen / seconds if seconds > 0 else 0.0,
-                     device=str(device), world_size=dist.world_size, data_path=data_path, epochs=len(history))
+                     device=str(device), world_size=dist.world_size, data_path=data_path, epochs=len(history),
+                     select=cfg.select if eval_loader is not None else "last")
 
 
 def _plan_epochs(planned: dict[str, int], cfg: TrainConfig, epoch: int, start_epoch: int, elapsed: float,
