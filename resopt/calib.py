@@ -199,12 +199,36 @@ def load_calib_set(spec: str | Path, *, num: int | None = None, seed: int = 0) -
     return _from_folder(text, folder, num=num, seed=seed)
 
 
-def _from_folder(text: str, folder: Path, *, num: int | None, seed: int) -> CalibSet:
+def uncalibrated_set(cs: CalibSet, *, num: int, seed: int) -> tuple[CalibSet, str] | None:
+    """(images, where) of the calibration set's source that calibration did not use, for checking the result
+    against its parent on images its ranges were not fitted to: the source's test split (calibration only
+    reads train/), else, for a bare folder, its images not chosen for ``cs``; None for a saved set or when
+    calibration used every image."""
+    from resopt.data import resolve_data
+
+    if cs.kind == "saved":
+        return None
+    source = resolve_data(cs.source, download=False)
+    if source.kind == "torchvision":
+        return _from_arrays(cs.source, source.dataset("test"), num=num, seed=seed), "test"
+    if source.test_dir is not None and not source.bare:
+        return _from_folder(cs.source, source.test_dir, num=num, seed=seed), "test"
+    assert source.train_dir is not None and cs.name is not None
+    used = frozenset(cs.name(i) for i in range(len(cs)))
+    try:
+        return _from_folder(cs.source, source.train_dir, num=num, seed=seed, skip=used), "uncalibrated"
+    except DataError:  # every image was calibrated on
+        return None
+
+
+def _from_folder(text: str, folder: Path, *, num: int | None, seed: int,
+                 skip: frozenset[str] = frozenset()) -> CalibSet:
     from resopt.data import image_folder
 
     ds = image_folder(folder)
-    files = [Path(p) for p, _ in ds.samples]  # type: ignore[attr-defined]
-    targets = [int(t) for _, t in ds.samples]  # type: ignore[attr-defined]
+    samples = [(p, t) for p, t in ds.samples if str(Path(p)) not in skip]  # type: ignore[attr-defined]
+    files = [Path(p) for p, _ in samples]
+    targets = [int(t) for _, t in samples]
     if not files:
         raise DataError(f"calibration folder {folder} contains no images")
     idx = sample_indices(targets, num, seed=seed)

@@ -81,9 +81,14 @@ def test_distill_from_an_architecture(cli, trained_pt: Path, cifar_small: Path, 
     ckpt = load_checkpoint(trained_pt)
     pre = checkpoint_preprocess(ckpt)
     x, y = stack_images(load_eval_set(cifar_small, pre, per_class=5))
-    assert d["eval_images"] == 50 and d["train_images"] == 50
-    assert d["teacher_top1"] == pytest.approx(top1_on(model_from_checkpoint(ckpt), x, y))
-    assert d["student_source"] == "scratch" and d["student_top1_before"] is None
+    assert d["eval_images"] == d["test_images"] == 50 and d["train_images"] == 50
+    # The teacher is measured on the validation images its own lineage records (re-derived here).
+    from resopt.data import load_val_set
+
+    xv, yv = stack_images(load_val_set(cifar_small, pre, lineage=ckpt["lineage"], per_class=5)[0])
+    assert d["val_images"] == len(yv) == 40  # cifar_small: 10% of 40 per class held out, 4 per class
+    assert d["teacher_val_top1"] == pytest.approx(top1_on(model_from_checkpoint(ckpt), xv, yv))
+    assert d["student_source"] == "scratch" and d["student_val_top1_before"] is None
     assert (d["student_params"], d["teacher_params"]) == (resnet20_counts(4)["params"], resnet20_counts(8)["params"])
 
     student = load_checkpoint(out)
@@ -104,12 +109,12 @@ def test_distill_into_a_student_checkpoint(cli, trained_pt: Path, cifar_small: P
     assert r.code == 0, r.stderr
     d = r.json()
     # The student starts as a copy of the teacher: same top-1 on the same images before training.
-    assert d["student_top1_before"] == d["teacher_top1"]
+    assert d["student_val_top1_before"] == d["teacher_val_top1"]
     assert d["student_params"] == d["teacher_params"] == resnet20_counts(8)["params"]  # by hand: 68,786
     out = load_checkpoint(tmp_path / "kd.pt")
     assert [e["command"] for e in out["lineage"]] == ["train", "distill"]
     assert out["lineage"][-1]["parent"]["sha256"] == sha256_file(student)
-    assert out["metrics"]["top1_before"] == d["student_top1_before"]
+    assert out["metrics"]["val_top1_before"] == d["student_val_top1_before"]
 
 
 def test_distill_errors(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:

@@ -55,7 +55,10 @@ def test_l1_struct_one_shot_shrinks_reloads_and_exports(cli, trained_pt: Path, c
     last = ckpt["lineage"][-1]
     assert last["command"] == "prune" and last["parent"]["sha256"] == sha256_file(trained_pt)
     assert ckpt["lineage"][0]["command"] == "train"
-    assert ckpt["metrics"]["top1"] == a["top1"] and ckpt["metrics"]["parent_top1"] == b["top1"]
+    assert ckpt["metrics"]["val_top1"] == a["top1"] and ckpt["metrics"]["val_parent_top1"] == b["top1"]
+    # Reported: test, measured once for the parent before pruning and once for the result at the end.
+    assert ckpt["metrics"]["split"] == "test" and ckpt["metrics"]["test_images"] == 50
+    assert ckpt["metrics"]["top1"] == d["top1"] == d["test_top1"] and ckpt["metrics"]["parent_top1"] == d["parent_top1"]
 
     # The pruned checkpoint goes through `resopt export` (dynamo, the default) like any .pt, verified
     # against PyTorch on real images; its graph holds the pruned widths (BatchNorm folded).

@@ -124,7 +124,8 @@ def test_per_tensor_entropy_scales_are_scalars(cli, fp32_onnx, workdir):
             "--num-calib", "40", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
-    assert d["agreement_on"] == "calibration" and d["agreement_images"] == 40
+    # Calibrated on 40 train images of the data in the lineage: checked on 40 of its test images instead.
+    assert d["agreement_on"] == "test" and d["agreement_images"] == 40
     assert d["calibration"]["images"] == 40 and d["result"]["top1"] is None
     model = onnx.load("pt.onnx")
     init = _init(model)

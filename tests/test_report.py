@@ -242,7 +242,7 @@ def test_missing_numbers_stay_missing(chain: dict[str, Path], tmp_path: Path) ->
     onnx = recs["r20.onnx"]  # export records parity, not accuracy
     assert onnx["top1"] is None and onnx["top5"] is None and onnx["latency"] == []
     assert onnx["vs_root"]["points"] is None and onnx["vs_root"]["faster"] is None
-    assert recs["r20.pt"]["top1"] is not None and recs["r20.pt"]["accuracy_source"] == "lineage: train"
+    assert recs["r20.pt"]["top1"] is not None and recs["r20.pt"]["accuracy_source"] == "lineage: train, test"
     md = (tmp_path / "r" / "report.md").read_text()
     assert "## Missing numbers" in md and f"--data {chain['data']}" in md
     missing_line = next(ln for ln in md.splitlines() if ln.startswith("- top-1 not recorded"))

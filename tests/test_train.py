@@ -35,7 +35,7 @@ def test_train_cli_json_and_same_seed_same_weights(cli, cifar_small: Path, tmp_p
     r1 = cli(*args, "-o", tmp_path / "a.pt")
     assert r1.code == 0, r1.stderr
     d = r1.json()
-    assert d["train_images"] == 100 and d["eval_images"] == 100 and len(d["history"]) == 2
+    assert d["train_images"] == 100 and d["test_images"] == 100 and len(d["history"]) == 2
     assert cli(*args, "-o", tmp_path / "b.pt").code == 0
     a = load_checkpoint(tmp_path / "a.pt")["state_dict"]
     b = load_checkpoint(tmp_path / "b.pt")["state_dict"]
@@ -129,8 +129,9 @@ def _top1(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def test_best_epoch_is_kept(cli, tmp_path: Path) -> None:
-    """A high learning rate makes top-1 move between epochs; the checkpoint must hold the best epoch's
-    weights, which this test scores itself on every test image (PIL, the recorded mean/std, argmax)."""
+    """A high learning rate makes val top-1 move between epochs; the checkpoint must hold the best epoch's
+    weights, whose test top-1 this test scores itself on every test image (PIL, the recorded mean/std,
+    argmax) and compares with the recorded one (measured once, after the choice)."""
     import numpy as np
     from conftest import make_subset
     from PIL import Image
@@ -140,10 +141,10 @@ def test_best_epoch_is_kept(cli, tmp_path: Path) -> None:
     r = cli("train", "--data", data, "--arch", "resnet20", "--width", "0.25", "--batch-size", "25", "--epochs", "4",
             "--lr", "0.5", "--seed", "1", "--json", "-o", out)
     assert r.code == 0, r.stderr
-    tops = [h["top1"] for h in r.json()["history"]]
-    best = max(range(4), key=lambda i: (tops[i], -i))  # the first epoch with the highest top-1
+    tops = [h["val_top1"] for h in r.json()["history"]]
+    best = max(range(4), key=lambda i: (tops[i], -i))  # the first epoch with the highest val top-1
     ckpt = load_checkpoint(out)
-    assert ckpt["metrics"]["best_epoch"] == best + 1 and ckpt["metrics"]["top1"] == tops[best]
+    assert ckpt["metrics"]["best_epoch"] == best + 1 and ckpt["metrics"]["val_top1"] == tops[best]
     mean, std = np.array(ckpt["preprocess"]["mean"]), np.array(ckpt["preprocess"]["std"])
     xs, ys = [], []
     for label, cls in enumerate(ckpt["classes"]):
@@ -151,14 +152,17 @@ def test_best_epoch_is_kept(cli, tmp_path: Path) -> None:
             xs.append(((np.asarray(Image.open(f).convert("RGB"), np.float32) / 255 - mean) / std).transpose(2, 0, 1))
             ys.append(label)
     x = torch.from_numpy(np.stack(xs).astype(np.float32))
-    assert _top1(model_from_checkpoint(ckpt), x, torch.tensor(ys)) == pytest.approx(tops[best])
+    assert _top1(model_from_checkpoint(ckpt), x, torch.tensor(ys)) == pytest.approx(ckpt["metrics"]["test_top1"])
+    assert ckpt["metrics"]["top1"] == ckpt["metrics"]["test_top1"] and ckpt["metrics"]["split"] == "test"
 
 
 def test_val_split_through_the_cli(cli, cifar_small: Path, tmp_path: Path) -> None:
-    """--val-split 0.2 of 10 images per class: 8 train and 2 held out per class, instead of test/."""
+    """--val-split 0.2 holds out 8 of each class's 40 train images (before --limit-per-class 10, which then
+    limits each split): 10 fit and 8 val images per class; test/ is measured once, 10 per class."""
     out = tmp_path / "v.pt"
     r = cli("train", "--data", cifar_small, *TINY, "--epochs", "1", "--val-split", "0.2", "--json", "-o", out)
     assert r.code == 0, r.stderr
     d = r.json()
-    assert (d["train_images"], d["eval_images"]) == (80, 20)
-    assert load_checkpoint(out)["lineage"][0]["options"]["val_split"] == 0.2
+    assert (d["train_images"], d["val_images"], d["test_images"]) == (100, 80, 100)
+    entry = load_checkpoint(out)["lineage"][0]
+    assert entry["options"]["val_split"] == 0.2 and entry["metrics"]["splits"]["val"]["held_out"] == 80

@@ -53,7 +53,7 @@ class QuantizeResult:
     result: ModelScore
     agreement: float
     agreement_images: int
-    agreement_on: str  # "test" (with --data) or "calibration"
+    agreement_on: str  # "test", "uncalibrated" (a bare folder's images not calibrated on) or "calibration"
     calib: dict[str, Any] | None
     excluded: tuple[str, ...] = ()
     lint: dict[str, Any] | None = None
@@ -320,17 +320,29 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
 
     if evals is not None:
         batches: Batches = evals()
-        total, on = evals.total, "test"
+        total, on, where = evals.total, "test", str(cfg.data)
     else:
+        # Without --data: images of the calibration source the ranges were not fitted to (its test split, or
+        # its images not drawn for calibration); the calibration images only when there are no others.
+        from resopt.calib import uncalibrated_set
+
         assert cs is not None
         bs = calib_batch_size(src.pre)
-        batches, total, on = calib_batches(cs, src.pre, batch_size=bs), (len(cs) + bs - 1) // bs, "calibration"
+        other = uncalibrated_set(cs, num=len(cs), seed=cfg.seed)
+        if other is None:
+            warn(f"every image of {cs.source} was used for calibration; checking the result against its parent on "
+                 f"those same images (pass --data, or a smaller --num-calib, to check on others)")
+            check, on, where = cs, "calibration", "the calibration set"
+        else:
+            check, on = other
+            where = f"{cs.source} ({'test split' if on == 'test' else 'images not used for calibration'})"
+        batches, total = calib_batches(check, src.pre, batch_size=bs), (len(check) + bs - 1) // bs
     from resopt.backends.ort_backend import onnx_predict
     from resopt.verify import compare
 
     reference = produced.reference or onnx_predict(src.onnx)
     cmp = compare(reference, onnx_predict(produced.path), batches, total=total, description=f"verify on {on} images",
-                  source=str(cfg.data) if evals is not None else "the calibration set")
+                  source=where)
     cmp.check(what=f"the {cfg.mode} result", against=f"its {produced.reference_name}",
               min_agreement=cfg.agreement_floor(), hint=mode.agreement_hint)
 
