@@ -111,7 +111,7 @@ def summarize(parent: Path, built: dict[str, Any], bench: dict[str, Any], opts: 
                "nonzero_params": m["nonzero_params"], "macs": m["macs"], "macs_fraction": m["macs"] / base["macs"],
                "file_bytes": m["file_bytes"], "top1": (m["accuracy"] or {}).get("top1"),
                "eval_images": (m["accuracy"] or {}).get("images"),
-               "top1_before_finetune": None if report is None else report["top1_before_finetune"]}
+               "top1_before_finetune": None if report is None else report["val_top1_before_finetune"]}
         for b in m["batches"]:
             row[f"b{b['batch_size']}"] = {"p50_ms": b["p50_ms"], "p99_ms": b["p99_ms"],
                                           "throughput_ips": b["throughput_ips"], "speedup": b["speedup"],
@@ -148,8 +148,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"Top-1: the ONNX files on the test split ({cfg['eval_images']} images), measured by the same "
         f"`resopt bench` run as the speed ({cfg['method']}).", "",
     ]
-    table = Table(["model", "params", "non-zero", "MACs", "size", "top-1 pruned, not fine-tuned", "top-1 (ONNX)",
-                   *(c for b in bss for c in (f"b{b} p50 ms", f"b{b} speed-up"))], left=("model",))
+    table = Table(["model", "params", "non-zero", "MACs", "size", "val top-1 pruned, not fine-tuned",
+                   "test top-1 (ONNX)", *(c for b in bss for c in (f"b{b} p50 ms", f"b{b} speed-up"))], left=("model",))
     for r in result["rows"]:
         before = "" if r["top1_before_finetune"] is None else f"{r['top1_before_finetune']:.2f}%"
         top1 = "?" if r["top1"] is None else f"{r['top1']:.2f}%"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from resopt.artifacts import checkpoint_preprocess, load_checkpoint
-from resopt.data import load_eval_set, stack_images
+from resopt.data import load_eval_set, load_val_set, stack_images
 from resopt.models import build_model, count_macs, model_from_checkpoint
 from resopt.prune.sensitivity import analyze_sensitivity, conv_out_channels, top1_on
 from resopt.prune.structured import StructuredPlan, channel_groups, prune_once, resolve_layer_ratios
@@ -81,7 +81,15 @@ def test_analyze_proposes_ratios_that_reach_the_target(cli, trained_pt: Path, ci
             "--analyze-images", "50", "--sparsity", "0.4", "--json")
     assert r.code == 0, r.stderr
     d = r.json()
-    assert d["images"] == 50 and d["ratios"] == [0.25, 0.5] and len(d["layers"]) == 12
+    # Measured on val, never test: cifar_small holds out 10% of its 40 train images per class, 40 in all,
+    # fewer than the 50 asked for; the baseline is the model's top-1 on exactly those, scored here.
+    assert d["split"] == "val" and d["images"] == 40
+    ckpt = load_checkpoint(trained_pt)
+    xv, yv = stack_images(load_val_set(cifar_small, checkpoint_preprocess(ckpt), lineage=ckpt["lineage"])[0])
+    with torch.no_grad():
+        mine = 100.0 * float((model_from_checkpoint(ckpt).eval()(xv).argmax(1) == yv).double().mean())
+    assert d["baseline_top1"] == pytest.approx(mine, abs=1e-3)
+    assert d["ratios"] == [0.25, 0.5] and len(d["layers"]) == 12
     assert all(set(layer["top1_drop"]) == {"0.25", "0.5"} for layer in d["layers"])
     p = d["proposal"]
     assert p["reached"] and p["channel_sparsity"] >= 0.4
