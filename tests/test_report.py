@@ -89,7 +89,8 @@ def test_every_row_joins_its_file_parent_and_bench_row(full: dict, chain: dict[s
         assert cells == {("cpu", b["batch_size"]): b["p50_ms"] for b in m["batches"]}
     # Not benchmarked: no latency, and the top-1 its prune step recorded, marked as such.
     p50 = recs["r20.p50.pt"]
-    assert p50["latency"] == [] and p50["accuracy_source"] == "lineage: prune"
+    assert p50["latency"] == [] and p50["accuracy_source"] == "lineage: prune, test"
+    assert p50["accuracy_split"] == "test" and r["accuracy_split"] == "test"
     # Against the root: size and speed ratios and points of top-1, from the joined numbers themselves.
     root = recs["r20.pt"]
     q = recs["r20.p50.int8.onnx"]

@@ -199,3 +199,6 @@ def test_an_old_lineage_shows_split_unknown(cli, parent: Path, tmp_path: Path) -
     assert "(test" not in r.stdout
     new = cli("info", parent)
     assert "(test, 100 images)" in new.stdout and "split unknown" not in new.stdout
+    from resopt.report.records import read_record
+
+    assert read_record(old).accuracy_split == "split unknown" and read_record(parent).accuracy_split == "test"
