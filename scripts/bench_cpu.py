@@ -126,21 +126,12 @@ def build_artifacts(a: Arch, out: Path, opts: argparse.Namespace) -> dict[str, A
 
 def cpu_facts() -> dict[str, Any]:
     """Vendor, flags and clock (MHz as /proc/cpuinfo reports it: nominal under a hypervisor)."""
-    facts: dict[str, Any] = {"vendor": "", "flags": set(), "mhz": None, "model": ""}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (s.strip() for s in line.partition(":"))
-            if key == "vendor_id" and not facts["vendor"]:
-                facts["vendor"] = value
-            elif key == "flags" and not facts["flags"]:
-                facts["flags"] = set(value.split())
-            elif key == "cpu MHz" and facts["mhz"] is None:
-                facts["mhz"] = float(value)
-            elif key == "model name" and not facts["model"]:
-                facts["model"] = value
-    except OSError:
-        pass
-    return facts
+    from resopt.envinfo import read_cpu_fields
+
+    fields = read_cpu_fields()
+    mhz = fields.get("cpu mhz")
+    return {"vendor": fields.get("vendor_id", ""), "flags": set(fields.get("flags", "").split()),
+            "mhz": float(mhz) if mhz else None, "model": fields.get("model name", "")}
 
 
 def peak_macs_per_cycle(vendor: str, flags: set[str]) -> tuple[dict[str, int], str]:
@@ -362,8 +353,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     sys.path.insert(0, str(REPO))
-    from resopt.backends.openvino_backend import openvino_version
-    from resopt.envinfo import cpu_isa, read_cpuinfo
+    from resopt.envinfo import cpu_isa, openvino_version, read_cpuinfo
 
     facts = cpu_facts()
     per_cycle, derivation = peak_macs_per_cycle(facts["vendor"], facts["flags"])

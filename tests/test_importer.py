@@ -129,7 +129,7 @@ REFERENCE_IMAGES = 1000
 @pytest.mark.slow
 @pytest.mark.parametrize("name,src,depth", [("r20", R20, 20), ("r56", R56, 56)])
 def test_shared_models_match_reference_on_full_test_set(imported, test_images, name, src, depth, capsys):
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
 
     images, labels = test_images
     assert len(images) == 10_000
@@ -172,8 +172,8 @@ def test_import_lineage_and_checkpoint(imported):
 @pytest.mark.parametrize("name", ["r20", "r56"])
 def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, tmp_path, name):
     """Structured pruning with --round-to 8 and fine-tuning, export with parity, INT8, bench."""
-    from resopt.artifacts import load_checkpoint, read_onnx_meta
-    from resopt.models import load_model, model_widths
+    from resopt.artifacts import load_checkpoint, load_model, read_onnx_meta
+    from resopt.models import model_widths
 
     src, pruned = imported[name], tmp_path / f"{name}.m50.pt"
     r = cli("prune", src, "--target-macs", "0.5", "--global", "--round-to", "8", "--finetune-epochs", "1",
@@ -215,7 +215,7 @@ def _save(obj, path: Path) -> Path:
 def _logits_match(out: Path, reference, size: int = 32) -> float:
     import torch
 
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
 
     model, _ = load_model(out)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -20,7 +20,7 @@ from typing import Any
 from resopt.artifacts import Preprocess, read_sidecar, sha256_file, validate_sidecar
 from resopt.backends import Runner
 from resopt.envinfo import TENSORRT_INSTALL, trt_major
-from resopt.errors import EnvironmentMismatchError, InputFileError, MissingDependencyError, UsageError
+from resopt.errors import EnvironmentMismatchError, InputFileError, MissingDependencyError, ResoptError, UsageError
 
 MIN_TRT_MAJOR = 10
 
@@ -144,6 +144,29 @@ def check_engine_env(sidecar: dict[str, Any], here: dict[str, Any], *, engine: P
 
 
 # ---------------------------------------------------------------------------------------------- runner
+
+
+def engine_runs_here(sidecar: dict[str, Any], engine: Path, *, here: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether this machine can run ``engine``, and one line saying why not.
+
+    The checks ``bench`` makes before it loads a plan, in the same order (engine file against its sidecar,
+    a CUDA GPU, TensorRT, then the GPU model and TensorRT release the plan was built for), but reported
+    instead of raised, so ``info`` describes an engine from any machine. ``here`` replaces this machine's
+    facts (GPU, compute capability, TensorRT version), as ``engine_env_here`` returns them.
+    """
+    recorded = (sidecar.get("engine") or {}).get("sha256")
+    if recorded and recorded != sha256_file(engine):
+        return False, "no: the engine file does not match its sidecar (sha256 differs); it was replaced after the build"
+    try:
+        if here is None:
+            from resopt.backends.cuda import require_cuda
+
+            require_cuda("a TensorRT engine")  # no GPU: EnvironmentMismatchError
+            here = engine_env_here(require_tensorrt().__version__)  # no TensorRT: MissingDependencyError
+        check_engine_env(sidecar, here, engine=engine)  # another GPU or TensorRT release
+    except ResoptError as e:
+        return False, f"no: {e.message}"
+    return True, f"yes: built with {describe_env(sidecar['built_with'])}, as this machine has"
 
 
 def profile_slices(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
