@@ -60,7 +60,7 @@ def bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
     """The square image size of an ONNX graph's input; refuses sizes or batches the graph cannot take."""
     from resopt.artifacts import load_onnx
     from resopt.errors import InputFileError
-    from resopt.importer.onnx_source import graph_input
+    from resopt.onnx_utils import graph_input
 
     model = load_onnx(path, load_weights=False)
     dims = [d.dim_value if d.HasField("dim_value") else None
