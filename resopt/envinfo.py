@@ -30,8 +30,9 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The extra and index that provide TensorRT; every "install TensorRT" message quotes this.
-TENSORRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'"
+# The extras that provide TensorRT (plain PyPI wheels, one per CUDA major: the one torch was built for);
+# every "install TensorRT" message quotes this.
+TENSORRT_INSTALL = "pip install 'resopt[tensorrt-cu12]' (or 'resopt[tensorrt-cu13]' with a CUDA 13 torch)"
 
 
 def precision_support(cc: tuple[int, int]) -> dict[str, bool]:
