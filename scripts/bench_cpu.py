@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _table import Table, exit_code, verdict_line, write_result
+from _table import REPO, Table, exit_code, resopt, verdict_line, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 3.0  # resopt INT8 on onnxruntime over ORT FP32 (issue 2)
 DROP_TARGET = 0.5  # top-1 points, INT8 vs FP32 on the same runtime
 
@@ -78,16 +74,6 @@ ROWS = {
     ("p50.int8.onnx", "openvino", "f32"): "pruned MACs/2 + INT8 on OpenVINO",
     ("p50.int8.onnx", "openvino", "bf16"): "pruned MACs/2 + INT8 on OpenVINO, bf16 rest",
 }
-
-
-def resopt(*args: object) -> dict[str, Any]:
-    """Run ``resopt ARGS --json``; its progress goes to our stderr, its one JSON document is returned."""
-    cmd = [*RESOPT, *map(str, args), "--json"]
-    print(f"$ resopt {' '.join(map(str, args))}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"bench_cpu: `resopt {args[0]}` failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout)
 
 
 def build_artifacts(a: Arch, out: Path, opts: argparse.Namespace) -> dict[str, Any]:
