@@ -23,11 +23,18 @@ setup: $(STAMP)
 demo: setup
 	PATH="$(abspath $(VENV))/bin:$$PATH" bash scripts/demo.sh
 
+# Two pytest-xdist workers, each handed whole test files (a file's module fixtures are built once; the session
+# fixtures once per run, under a file lock: tests/conftest.py), longest files first; then, alone, the tests
+# marked serial (they time themselves, so they must not share the cores with the other worker).
+XDIST := -n 2 --dist loadfile --no-loadscope-reorder
+
 test: setup
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q $(XDIST) -m "not serial" --durations=15
+	$(PY) -m pytest -q -m serial
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q $(XDIST) -m "not slow and not serial"
+	$(PY) -m pytest -q -m "serial and not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -88,8 +88,8 @@ def load_teacher(path: Path, *, classes: list[str], preprocess: Preprocess, data
     """
     import torch
 
+    from resopt.artifacts import load_model
     from resopt.data import check_classes
-    from resopt.models import load_model
 
     path = Path(path)
     require_kind(path, "pt", hint="the teacher must be a .pt checkpoint (train, prune or distill output)")
@@ -177,8 +177,9 @@ def distill_model(
     options: dict[str, Any] | None = None,
 ) -> DistillResult:
     """Train ``student`` (an architecture name, from scratch, or a .pt) against ``teacher`` on ``data``."""
+    from resopt.artifacts import load_model
     from resopt.data import check_classes
-    from resopt.models import build_model, count_macs, count_params, get_spec, load_model, model_widths
+    from resopt.models import build_model, count_macs, count_params, get_spec, model_widths
     from resopt.train import fit, measure_test, prepare_data, resume_path_for, seed_everything, split_metrics
 
     cfg.validate()

@@ -30,8 +30,9 @@ import subprocess
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-# The extra and index that provide TensorRT; every "install TensorRT" message quotes this.
-TENSORRT_INSTALL = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'"
+# The extras that provide TensorRT (plain PyPI wheels, one per CUDA major: the one torch was built for);
+# every "install TensorRT" message quotes this.
+TENSORRT_INSTALL = "pip install 'resopt[tensorrt-cu12]' (or 'resopt[tensorrt-cu13]' with a CUDA 13 torch)"
 
 
 def precision_support(cc: tuple[int, int]) -> dict[str, bool]:
@@ -68,24 +69,62 @@ def cpu_isa(flags: set[str] | frozenset[str], machine: str) -> dict[str, bool]:
     return {name: flag in flags for name, flag in table}
 
 
-def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
-    """(CPU model name, flags) of the first processor in ``path``; (None, empty) where there is none."""
-    model: str | None = None
-    flags: set[str] = set()
+def read_cpu_fields(path: str = "/proc/cpuinfo") -> dict[str, str]:
+    """The fields of ``path`` (``/proc/cpuinfo``), keys in lower case (``model name``, ``vendor_id``, ``flags``,
+    ``cpu mhz``; on Arm ``features``, ``hardware``), each with its first non-empty value: the first processor's,
+    and the lines Arm kernels print once after the processors. Empty where the file cannot be read. The one
+    reader of that file: ``env``, ``bench``, ``quantize`` (VNNI) and scripts/bench_cpu.py all go through it."""
+    fields: dict[str, str] = {}
     try:
         with open(path) as f:
             for line in f:
-                key, _, value = line.partition(":")
-                key = key.strip().lower()
-                if key in ("model name", "hardware") and model is None:
-                    model = value.strip()
-                elif key in ("flags", "features") and not flags:
-                    flags = set(value.split())
-                if not line.strip() and model and flags:
-                    break
+                key, sep, value = line.partition(":")
+                key, value = key.strip().lower(), value.strip()
+                if sep and value and key not in fields:
+                    fields[key] = value
     except OSError:
         pass
-    return model, flags
+    return fields
+
+
+def read_cpuinfo(path: str = "/proc/cpuinfo") -> tuple[str | None, set[str]]:
+    """(CPU model name, flags) from ``path``; (None, empty) where there is none."""
+    fields = read_cpu_fields(path)
+    model = fields.get("model name") or fields.get("hardware")
+    return model, set((fields.get("flags") or fields.get("features") or "").split())
+
+
+def cpu_has_vnni() -> bool | None:
+    """Whether this x86 CPU has VNNI (None where it cannot be told, e.g. not Linux)."""
+    fields = read_cpu_fields()
+    if not fields:
+        return None
+    flags = set(fields.get("flags", "").split())
+    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+def available_cores() -> int:
+    """Cores this process may run on (the affinity mask, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def openvino_version() -> tuple[str | None, str | None]:
+    """(version, None) if ``import openvino`` works, else (None, the reason)."""
+    try:
+        import openvino as ov
+    except ImportError as e:
+        return None, f"OpenVINO is not installed ({getattr(e, 'msg', e)})"
+    return str(ov.__version__).split("-", 1)[0], None
+
+
+def cpu_capabilities() -> list[str]:
+    """The OpenVINO CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. FP32, BF16, INT8); needs OpenVINO."""
+    import openvino as ov
+
+    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 def parse_cc(text: str) -> tuple[int, int]:
@@ -257,9 +296,6 @@ def collect_env() -> EnvInfo:
     isa = cpu_isa(flags, platform.machine()) if flags else {}
     if not flags:
         notes.append("CPU instruction sets unknown (no /proc/cpuinfo flags on this system)")
-    from resopt.backends.openvino_backend import cpu_capabilities, openvino_version
-    from resopt.bench import available_cores
-
     ov_v, ov_reason = openvino_version()
     ov_caps = cpu_capabilities() if ov_v else []
     if ov_reason:

@@ -233,8 +233,8 @@ def export_onnx(checkpoint: Path, output: Path, cfg: ExportConfig | None = None)
     """Export ``checkpoint`` to ONNX at ``output``, verified against PyTorch on real images."""
     import torch
 
+    from resopt.artifacts import load_model
     from resopt.kinds import onnx_model_stats
-    from resopt.models import load_model
 
     cfg = cfg or ExportConfig()
     cfg.validate()

@@ -2,12 +2,12 @@
 
 ``describe_model(path)`` reads a ``.pt`` (as a plain checkpoint, ``weights_only=True``: pickled objects
 are refused, never executed), an ``.onnx`` (its graph and ``resopt.*`` metadata) or an ``.engine`` (its
-JSON sidecar only, validated as ``bench`` validates it, so no TensorRT is needed; ``engine_runs_here``
-adds whether this machine could run it), through the table of kinds (``resopt.kinds.KINDS``), and returns a
-``ModelInfo``. Parameters and MACs of a
-``.pt`` are counted on the rebuilt PyTorch model (BatchNorm scale and shift are parameters there); those
-of an ``.onnx`` on its graph by ``resopt.onnx_utils`` (where BatchNorm is folded into the convolutions),
-so an exported model shows slightly fewer parameters than its checkpoint and the same MACs.
+JSON sidecar only, validated as ``bench`` validates it, so no TensorRT is needed;
+``backends.tensorrt_backend.engine_runs_here`` adds whether this machine could run it), through the table
+of kinds (``resopt.kinds.KINDS``), and returns a ``ModelInfo``. Parameters and MACs of a ``.pt`` are counted
+on the rebuilt PyTorch model (BatchNorm scale and shift are parameters there); those of an ``.onnx`` on its
+graph by ``resopt.onnx_utils`` (where BatchNorm is folded into the convolutions), so an exported model shows
+slightly fewer parameters than its checkpoint and the same MACs.
 
 ``list_archs()`` describes the model registry and imports nothing heavy.
 """
@@ -101,35 +101,6 @@ class ModelInfo:
             "resize": pre.resize if pre else None, "details": self.details,
             "lineage_steps": [step.__dict__ for step in self.steps], "lineage": list(self.lineage),
         }
-
-
-# ---------------------------------------------------------------------------------------- engines
-
-
-def engine_runs_here(sidecar: dict[str, Any], engine: Path, *, here: dict[str, Any] | None = None) -> tuple[bool, str]:
-    """Whether this machine can run ``engine``, and one line saying why not.
-
-    The checks ``bench`` makes before it loads a plan, in the same order (engine file against its sidecar,
-    a CUDA GPU, TensorRT, then the GPU model and TensorRT release the plan was built for), but reported
-    instead of raised, so ``info`` describes an engine from any machine. ``here`` replaces this machine's
-    facts (GPU, compute capability, TensorRT version), as ``engine_env_here`` returns them.
-    """
-    from resopt.backends.tensorrt_backend import check_engine_env, describe_env, engine_env_here, require_tensorrt
-    from resopt.errors import ResoptError
-
-    recorded = (sidecar.get("engine") or {}).get("sha256")
-    if recorded and recorded != sha256_file(engine):
-        return False, "no: the engine file does not match its sidecar (sha256 differs); it was replaced after the build"
-    try:
-        if here is None:
-            from resopt.backends.cuda import require_cuda
-
-            require_cuda("a TensorRT engine")  # no GPU: EnvironmentMismatchError
-            here = engine_env_here(require_tensorrt().__version__)  # no TensorRT: MissingDependencyError
-        check_engine_env(sidecar, here, engine=engine)  # another GPU or TensorRT release
-    except ResoptError as e:
-        return False, f"no: {e.message}"
-    return True, f"yes: built with {describe_env(sidecar['built_with'])}, as this machine has"
 
 
 def describe_model(path: Path) -> ModelInfo:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 from resopt.artifacts import (
-    ArtifactInfo,
     Preprocess,
     artifact_kind,
     checkpoint_preprocess,
@@ -30,6 +29,19 @@ from resopt.artifacts import (
 from resopt.errors import InputFileError, ResoptError
 
 COUNT_KEYS = ("params", "nonzero_params", "macs")
+
+
+@dataclass(frozen=True)
+class ArtifactInfo:
+    """What ``resopt info`` and ``bench`` know about a file without running it."""
+
+    path: Path
+    kind: str
+    arch: str | None
+    classes: list[str]
+    preprocess: Preprocess | None
+    lineage: list[dict[str, Any]]
+    metrics: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -76,7 +88,7 @@ def _torch_stats(model: Any, input_size: int) -> ModelStats:
 
 
 def _pt_stats(path: Path, input_size: int) -> ModelStats:
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
 
     model, _ = load_model(path)
     return _torch_stats(model, input_size)
@@ -195,7 +207,7 @@ def _engine_stats(path: Path, input_size: int) -> ModelStats:
 
 def _engine_describe(path: Path) -> dict[str, Any]:
     from resopt.artifacts import validate_sidecar
-    from resopt.info import engine_runs_here
+    from resopt.backends.tensorrt_backend import engine_runs_here
 
     side = read_sidecar(path)
     validate_sidecar(side, path)  # the sidecar bench would accept, or InputFileError (exit 3)
@@ -232,3 +244,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
 def kind_of(path: Path) -> Kind:
     """The table entry for ``path`` (missing file, folder, unknown suffix: InputFileError)."""
     return KINDS[artifact_kind(Path(path))]
+
+
+def read_artifact_info(path: Path) -> ArtifactInfo:
+    """Classes, preprocessing, lineage and metrics of a model file, read by its kind."""
+    path = Path(path)
+    return kind_of(path).read_info(path)

@@ -1,6 +1,7 @@
 """What the benchmark scripts (bench_cpu, bench_prune, bench_quant, bench_gpu) share: a result table rendered as
-Markdown (the committed ``.md``) or Rich (the terminal), the list of targets met or missed, and writing a result
-as ``NAME.md`` + ``NAME.json`` with the table on stdout and the "wrote" line on stderr.
+Markdown (the committed ``.md``) or Rich (the terminal), the list of targets met or missed, writing a result
+as ``NAME.md`` + ``NAME.json`` with the table on stdout and the "wrote" line on stderr, and ``resopt()``, which
+runs one resopt command the way a user does and returns its JSON document.
 
 Imported by the scripts as ``from _table import ...`` (``python scripts/bench_x.py`` puts ``scripts/`` on the
 path); it needs nothing beyond the standard library, and Rich only for ``Table.rich``.
@@ -9,11 +10,15 @@ path); it needs nothing beyond the standard library, and Rich only for ``Table.r
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+RESOPT = [sys.executable, "-m", "resopt"]
 
 
 @dataclass
@@ -69,3 +74,19 @@ def write_result(out: Path, name: str, result: dict[str, Any], md: str) -> None:
     print(md)
     print(f"{name.replace('-', '_')}: wrote {out / (name + '.md')} and {name}.json in {result['seconds']:.0f} s",
           file=sys.stderr)
+
+
+def resopt(*args: object, check: bool = True) -> Any:
+    """Run ``resopt ARGS --json`` from the repository; its progress goes to our stderr, its one JSON document is
+    returned. A failure exits the script with one line naming the command (``check``), or is said on stderr and
+    returns None (``check=False``: the caller leaves that row out)."""
+    script = Path(sys.argv[0]).stem or "script"
+    cmd = [*RESOPT, *map(str, args), "--json"]
+    print(f"$ resopt {' '.join(map(str, args))}", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        if check:
+            sys.exit(f"{script}: `resopt {args[0]}` failed with exit code {proc.returncode}")
+        print(f"{script}: `resopt {args[0]}` exited {proc.returncode}; row left out", file=sys.stderr)
+        return None
+    return json.loads(proc.stdout)

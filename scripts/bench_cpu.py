@@ -33,18 +33,14 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _table import Table, exit_code, verdict_line, write_result
+from _table import REPO, Table, exit_code, resopt, verdict_line, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 3.0  # resopt INT8 on onnxruntime over ORT FP32 (issue 2)
 DROP_TARGET = 0.5  # top-1 points, INT8 vs FP32 on the same runtime
 
@@ -78,16 +74,6 @@ ROWS = {
     ("p50.int8.onnx", "openvino", "f32"): "pruned MACs/2 + INT8 on OpenVINO",
     ("p50.int8.onnx", "openvino", "bf16"): "pruned MACs/2 + INT8 on OpenVINO, bf16 rest",
 }
-
-
-def resopt(*args: object) -> dict[str, Any]:
-    """Run ``resopt ARGS --json``; its progress goes to our stderr, its one JSON document is returned."""
-    cmd = [*RESOPT, *map(str, args), "--json"]
-    print(f"$ resopt {' '.join(map(str, args))}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"bench_cpu: `resopt {args[0]}` failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout)
 
 
 def build_artifacts(a: Arch, out: Path, opts: argparse.Namespace) -> dict[str, Any]:
@@ -126,21 +112,12 @@ def build_artifacts(a: Arch, out: Path, opts: argparse.Namespace) -> dict[str, A
 
 def cpu_facts() -> dict[str, Any]:
     """Vendor, flags and clock (MHz as /proc/cpuinfo reports it: nominal under a hypervisor)."""
-    facts: dict[str, Any] = {"vendor": "", "flags": set(), "mhz": None, "model": ""}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = (s.strip() for s in line.partition(":"))
-            if key == "vendor_id" and not facts["vendor"]:
-                facts["vendor"] = value
-            elif key == "flags" and not facts["flags"]:
-                facts["flags"] = set(value.split())
-            elif key == "cpu MHz" and facts["mhz"] is None:
-                facts["mhz"] = float(value)
-            elif key == "model name" and not facts["model"]:
-                facts["model"] = value
-    except OSError:
-        pass
-    return facts
+    from resopt.envinfo import read_cpu_fields
+
+    fields = read_cpu_fields()
+    mhz = fields.get("cpu mhz")
+    return {"vendor": fields.get("vendor_id", ""), "flags": set(fields.get("flags", "").split()),
+            "mhz": float(mhz) if mhz else None, "model": fields.get("model name", "")}
 
 
 def peak_macs_per_cycle(vendor: str, flags: set[str]) -> tuple[dict[str, int], str]:
@@ -362,8 +339,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
 
     sys.path.insert(0, str(REPO))
-    from resopt.backends.openvino_backend import openvino_version
-    from resopt.envinfo import cpu_isa, read_cpuinfo
+    from resopt.envinfo import cpu_isa, openvino_version, read_cpuinfo
 
     facts = cpu_facts()
     per_cycle, derivation = peak_macs_per_cycle(facts["vendor"], facts["flags"])

@@ -26,17 +26,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from _table import Table, exit_code, verdict_line, write_result
+from _table import REPO, Table, exit_code, resopt, verdict_line, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 1.7  # throughput of the half-MACs structured child over its parent
 
 
@@ -59,16 +56,6 @@ CHILDREN = (
     Child("u50", "l1-unstruct 50%", ("--method", "l1-unstruct", "--sparsity", "0.5")),
     Child("s24", "2:4", ("--method", "2:4")),
 )
-
-
-def resopt(*args: object) -> dict[str, Any]:
-    """Run ``resopt ARGS --json``; its progress goes to our stderr, its one JSON document is returned."""
-    cmd = [*RESOPT, *map(str, args), "--json"]
-    print(f"$ resopt {' '.join(map(str, args))}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.exit(f"bench_prune: `resopt {args[0]}` failed with exit code {proc.returncode}")
-    return json.loads(proc.stdout)
 
 
 def _data_args(opts: argparse.Namespace) -> list[object]:

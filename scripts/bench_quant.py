@@ -31,32 +31,15 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _table import Table, exit_code, verdict_line, write_result
+from _table import REPO, Table, exit_code, resopt, verdict_line, write_result
 
-REPO = Path(__file__).resolve().parents[1]
-RESOPT = [sys.executable, "-m", "resopt"]
 SPEED_TARGET = 3.0
 DROP_TARGET = 0.5
-
-
-def resopt(*args: object, check: bool = True) -> dict[str, Any] | None:
-    """Run ``resopt ARGS --json``; its progress goes to our stderr, its one JSON document is returned."""
-    cmd = [*RESOPT, *map(str, args), "--json"]
-    print(f"$ resopt {' '.join(map(str, args))}", file=sys.stderr, flush=True)
-    proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        if check:
-            sys.exit(f"bench_quant: `resopt {args[0]}` failed with exit code {proc.returncode}")
-        print(f"bench_quant: `resopt {args[0]}` exited {proc.returncode}; row left out", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout)
 
 
 def ort_default_int8(fp32: Path, out: Path, calib_data: str | None, num_calib: int) -> dict[str, Any]:

@@ -36,7 +36,22 @@ PER_CLASS = 60
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 os.environ.setdefault("RESOPT_QUIET", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# One thread per pytest-xdist worker (`make test` runs two workers on two cores): two workers with two OpenMP
+# threads each would oversubscribe the cores, and a spinning OpenMP pool then waits on a descheduled peer.
+XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", "1" if XDIST_WORKERS > 1 else "2")
+
+# The files that take longest (a `--durations` run on 2 cores), handed out first: `make test` gives each
+# xdist worker whole files (--dist loadfile, so module fixtures are built once) in collection order
+# (--no-loadscope-reorder), and starting the longest first keeps one worker from finishing them alone at
+# the end while the other sits idle. Every other file follows in its usual order.
+LONGEST_FIRST = ["test_studies.py", "test_importer.py", "test_build.py", "test_process.py", "test_battery.py",
+                 "test_report.py", "test_quantize_modes.py", "test_prune.py", "test_train.py", "test_gpu_proof.py"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept otherwise
 
 
 def _missing_data(reason: str) -> None:
@@ -129,10 +144,34 @@ def randomize_bn(model, seed: int = 0):
     return model.eval()
 
 
+def _run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The folder this run's workers share: under pytest-xdist each worker has its own base temporary folder
+    (``pytest-N/popen-gwK``), the run's own ``pytest-N`` above them; without xdist, the base folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build) -> Path:
+    """``build(folder)`` run once per test run, however many xdist workers ask: the first takes a file lock
+    and builds into ``session/NAME``, the others wait for it and reuse the folder (a session fixture that
+    trains, exports or quantizes must not do it once per worker: that would double its cost on 2 cores)."""
+    root = _run_dir(tmp_path_factory) / "session"
+    root.mkdir(exist_ok=True)
+    folder, done = root / name, root / f"{name}.done"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            done.touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def cifar_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """40 train + 20 test images per class (400 / 200): enough to see learning, fast on 2 cores."""
-    return make_subset(tmp_path_factory.mktemp("cifar_small"), 40, 20)
+    return built_once(tmp_path_factory, "cifar_small", lambda d: make_subset(d, 40, 20))
 
 
 @dataclass
@@ -178,10 +217,9 @@ def trained_pt(tmp_path_factory: pytest.TempPathFactory, cifar_small: Path) -> P
     """A narrow ResNet-20 trained for 3 epochs on ``cifar_small``; reused read-only by many tests."""
     from resopt.train import DataOptions, TrainConfig, train_model
 
-    out = tmp_path_factory.mktemp("trained") / "r20.pt"
-    train_model("resnet20", DataOptions(str(cifar_small)), TrainConfig(epochs=3, batch_size=64, lr=0.05),
-                out, width=0.5)
-    return out
+    return built_once(tmp_path_factory, "trained", lambda d: train_model(
+        "resnet20", DataOptions(str(cifar_small)), TrainConfig(epochs=3, batch_size=64, lr=0.05), d / "r20.pt",
+        width=0.5)) / "r20.pt"
 
 
 @pytest.fixture(scope="session")
@@ -189,9 +227,8 @@ def r20_onnx_session(tmp_path_factory: pytest.TempPathFactory, trained_pt: Path,
     """``trained_pt`` exported once by resopt's exporter (verified on 20 real images); read-only."""
     from resopt.export import ExportConfig, export_onnx
 
-    out = tmp_path_factory.mktemp("session_onnx") / "r20.onnx"
-    export_onnx(trained_pt, out, ExportConfig(data=str(cifar_small), num_verify=20))
-    return out
+    return built_once(tmp_path_factory, "session_onnx", lambda d: export_onnx(
+        trained_pt, d / "r20.onnx", ExportConfig(data=str(cifar_small), num_verify=20))) / "r20.onnx"
 
 
 @pytest.fixture(scope="session")
@@ -200,10 +237,10 @@ def r20_int8_session(tmp_path_factory: pytest.TempPathFactory, r20_onnx_session:
     from the shipped calib/ set); read-only."""
     from resopt.quantize import QuantizeConfig, quantize_model
 
-    out = tmp_path_factory.mktemp("session_int8") / "r20.int8.onnx"
     # The shipped set named explicitly: the default is now the data in the model's lineage.
-    quantize_model(r20_onnx_session, out, QuantizeConfig(num_calib=64, calib_data=str(REPO / "calib" / "cifar10")))
-    return out
+    return built_once(tmp_path_factory, "session_int8", lambda d: quantize_model(
+        r20_onnx_session, d / "r20.int8.onnx",
+        QuantizeConfig(num_calib=64, calib_data=str(REPO / "calib" / "cifar10")))) / "r20.int8.onnx"
 
 
 def copy_to(src: Path, folder: Path, name: str | None = None) -> Path:

@@ -530,6 +530,7 @@ OUTPUT_IDS = [c[0] for c in _outputs({"pt": Path("a"), "onnx": Path("b"), "data"
                                      Path("t"))]
 
 
+@pytest.mark.serial  # timed: the refusal must come before the work, which a shared core would blur
 @pytest.mark.parametrize("case", OUTPUT_IDS)
 def test_bad_output_refused_before_work(cli, good, tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)

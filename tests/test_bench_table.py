@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from _table import Table, exit_code, verdict_line, write_result  # noqa: E402
+from _table import Table, exit_code, resopt, verdict_line, write_result  # noqa: E402
 
 
 def test_markdown_table_aligns_named_columns_left_and_checks_row_width() -> None:
@@ -54,3 +54,18 @@ def test_write_result_writes_md_and_json(tmp_path: Path, capsys: pytest.CaptureF
     out, err = capsys.readouterr()
     assert out == "# table\n\n"
     assert err == f"bench_quant: wrote {tmp_path / 'bench-quant.md'} and bench-quant.json in 12 s\n"
+
+
+def test_resopt_returns_the_json_document_or_exits_with_one_line(monkeypatch, capsys) -> None:
+    """The one helper the benchmark scripts run resopt through: a real command's document comes back; a failed
+    one exits the script naming the command, or with check=False is said on stderr and gives None."""
+    import pytest
+
+    monkeypatch.setattr(sys, "argv", ["scripts/bench_x.py"])
+    archs = resopt("info", "--archs")
+    assert "resnet20" in {a["name"] for a in archs["archs"]}
+    with pytest.raises(SystemExit) as e:
+        resopt("info", "/nonexistent/m.onnx")
+    assert e.value.code == "bench_x: `resopt info` failed with exit code 3"
+    assert resopt("info", "/nonexistent/m.onnx", check=False) is None
+    assert "bench_x: `resopt info` exited 3; row left out" in capsys.readouterr().err

@@ -325,3 +325,69 @@ def test_trt_runner_infer_pads_a_short_batch_and_trims_its_output(lo: int, hi: i
     assert out.shape == (10, 1)
     np.testing.assert_allclose(out[:, 0], batch.reshape(10, -1).sum(1), rtol=1e-5)
     assert all(lo <= s[0] <= hi for s in runner.context.shapes)
+
+
+# ------------------------------------------------------------- engine I/O types and TensorRT majors, no TensorRT
+
+
+def _standin_types() -> Any:
+    """A tensorrt module with DataType members and an nptype that, like TensorRT's, knows only the numpy types."""
+    numpy_types = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "INT32": np.int32, "BOOL": np.bool_}
+
+    def nptype(dtype: Any) -> Any:
+        if dtype.name not in numpy_types:
+            raise TypeError(f"Could not resolve TensorRT datatype to an equivalent numpy datatype. {dtype}")
+        return numpy_types[dtype.name]
+
+    names = ("FLOAT", "HALF", "INT8", "INT32", "BOOL", "BF16", "FP8", "INT4", "FP4")
+    return types.SimpleNamespace(nptype=nptype, DataType=types.SimpleNamespace(
+        **{n: types.SimpleNamespace(name=n) for n in names}))
+
+
+def test_engine_io_types_numpy_lacks_are_torch_types_or_one_line() -> None:
+    import torch
+
+    from resopt.backends.tensorrt_backend import tensor_torch_dtype
+    from resopt.errors import InputFileError
+
+    trt = _standin_types()
+    dt = trt.DataType
+    assert tensor_torch_dtype(trt, dt.FLOAT) == torch.float32
+    assert tensor_torch_dtype(trt, dt.HALF) == torch.float16
+    assert tensor_torch_dtype(trt, dt.INT8) == torch.int8
+    # No numpy type: trt.nptype raises for these, so they must not go through it.
+    assert tensor_torch_dtype(trt, dt.BF16) == torch.bfloat16
+    assert tensor_torch_dtype(trt, dt.FP8) == torch.float8_e4m3fn
+    for name in ("INT4", "FP4"):
+        with pytest.raises(InputFileError) as e:
+            tensor_torch_dtype(trt, getattr(dt, name), tensor="logits", path=Path("m.engine"))
+        assert e.value.message == (f"m.engine tensor 'logits' is TensorRT {name}, which resopt cannot feed or read "
+                                   f"(no numpy or torch type for it)")
+        assert "\n" not in e.value.message and "float32 or float16" in (e.value.hint or "")
+
+
+@pytest.mark.parametrize("version,ok", [("9.3.0", False), ("10.0.1", True), ("10.16.1.11", True),
+                                        ("11.4.0.106", True), ("12.0.0", False)])
+def test_only_the_tensorrt_majors_the_extras_allow_are_accepted(monkeypatch, version: str, ok: bool) -> None:
+    import sys
+
+    from resopt.backends.tensorrt_backend import require_tensorrt
+    from resopt.errors import MissingDependencyError
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__=version))
+    if ok:
+        assert require_tensorrt().__version__ == version
+        return
+    with pytest.raises(MissingDependencyError) as e:
+        require_tensorrt()
+    assert version in e.value.message and "resopt[tensorrt-cu12]" in (e.value.hint or "")
+
+
+def test_the_tensorrt_extras_are_bounded_to_majors_10_and_11() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert extras["tensorrt-cu12"] == ["tensorrt-cu12>=10.0,<12"]
+    assert extras["tensorrt-cu13"] == ["tensorrt-cu13>=10.13,<12"]  # the first cu13 wheels on PyPI are 10.13
+

@@ -62,7 +62,7 @@ def test_env_json_matches_this_machine(cli) -> None:
         assert d["tensorrt"] == tensorrt.__version__
     except ImportError:
         assert d["tensorrt"] is None and d["tensorrt_build_path"] is None
-        assert any("pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'" in n for n in d["notes"])
+        assert any("pip install 'resopt[tensorrt-cu12]' (or 'resopt[tensorrt-cu13]'" in n for n in d["notes"])
     for g in d["gpus"]:
         p = torch.cuda.get_device_properties(g["index"])
         assert g["name"] == p.name and g["compute_capability"] == f"{p.major}.{p.minor}"
@@ -81,7 +81,7 @@ def test_env_table_without_gpu_or_tensorrt(cli, monkeypatch: pytest.MonkeyPatch)
     lines = r.stdout.splitlines()
     assert any("GPU" in ln and "none visible" in ln for ln in lines)
     assert any("TensorRT " in ln and "not installed" in ln for ln in lines)
-    assert "'resopt[tensorrt]'" in r.stdout  # the install hint survives Rich markup
+    assert "'resopt[tensorrt-cu12]'" in r.stdout  # the install hint survives Rich markup
 
 
 def test_env_and_build_commands_import_no_heavy_library() -> None:

@@ -95,8 +95,8 @@ def test_default_export_metadata_and_lineage(r20_onnx: tuple[Path, Path]) -> Non
 
 
 def test_dynamic_batch_matches_pytorch_on_real_images(r20_onnx: tuple[Path, Path], cifar_small: Path) -> None:
+    from resopt.artifacts import load_model
     from resopt.data import load_eval_set, stack_images
-    from resopt.models import load_model
 
     pt, out = r20_onnx
     model, ckpt = load_model(pt)

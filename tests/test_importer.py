@@ -119,26 +119,33 @@ def imported(tmp_path_factory: pytest.TempPathFactory, cifar_mini: Path) -> dict
 # ------------------------------------------------------------------------------------ the shared models
 
 
+# The reference runs on the first images only: logit equality on 1,000 of them shows the mapping is exact (a
+# wrong key, shortcut or BatchNorm shows in the first batch), and the full split is needed only for the
+# accuracy, compared with the figure measured independently on it (../shared/models/README.md). Running the
+# reference on all 10,000 as well doubled this test's time (93-123 s of the suite) and proved nothing more.
+REFERENCE_IMAGES = 1000
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name,src,depth", [("r20", R20, 20), ("r56", R56, 56)])
 def test_shared_models_match_reference_on_full_test_set(imported, test_images, name, src, depth, capsys):
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
 
     images, labels = test_images
     assert len(images) == 10_000
-    ref = logits_of(load_reference(src, depth), images)
+    ref = logits_of(load_reference(src, depth), images[:REFERENCE_IMAGES])
     model, ckpt = load_model(imported[name])
     got = logits_of(model, images)
-    max_diff = float((got - ref).abs().max())
-    top1_ref = 100.0 * float((ref.argmax(1) == labels).float().mean())
+    max_diff = float((got[:REFERENCE_IMAGES] - ref).abs().max())
+    top1_ref = 100.0 * float((ref.argmax(1) == labels[:REFERENCE_IMAGES]).float().mean())
     top1 = 100.0 * float((got.argmax(1) == labels).float().mean())
     with capsys.disabled():
-        print(f"\n{name}: max |imported - reference| logit {max_diff:.2e}; top-1 {top1:.2f}% "
-              f"(reference {top1_ref:.2f}%)")
+        print(f"\n{name}: max |imported - reference| logit {max_diff:.2e} on {REFERENCE_IMAGES} images (reference "
+              f"top-1 there {top1_ref:.2f}%); top-1 on 10,000: {top1:.2f}%")
     assert max_diff < 1e-3
-    assert abs(top1 - top1_ref) <= 0.1
-    # The published figures on these JPEGs (../shared/models/README.md): 81.03% and 83.20%.
-    assert abs(top1_ref - {"r20": 81.03, "r56": 83.20}[name]) < 0.5
+    assert (got[:REFERENCE_IMAGES].argmax(1) == ref.argmax(1)).all()
+    # The figures measured on these JPEGs (../shared/models/README.md): 81.03% and 83.20%.
+    assert abs(top1 - {"r20": 81.03, "r56": 83.20}[name]) < 0.5
 
 
 def test_import_lineage_and_checkpoint(imported):
@@ -165,8 +172,8 @@ def test_import_lineage_and_checkpoint(imported):
 @pytest.mark.parametrize("name", ["r20", "r56"])
 def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, tmp_path, name):
     """Structured pruning with --round-to 8 and fine-tuning, export with parity, INT8, bench."""
-    from resopt.artifacts import load_checkpoint, read_onnx_meta
-    from resopt.models import load_model, model_widths
+    from resopt.artifacts import load_checkpoint, load_model, read_onnx_meta
+    from resopt.models import model_widths
 
     src, pruned = imported[name], tmp_path / f"{name}.m50.pt"
     r = cli("prune", src, "--target-macs", "0.5", "--global", "--round-to", "8", "--finetune-epochs", "1",
@@ -208,7 +215,7 @@ def _save(obj, path: Path) -> Path:
 def _logits_match(out: Path, reference, size: int = 32) -> float:
     import torch
 
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
 
     model, _ = load_model(out)
     x = torch.randn(4, 3, size, size, generator=torch.Generator().manual_seed(1))

@@ -157,7 +157,7 @@ def test_engine_sidecar_is_validated_like_bench_does(cli, chain: dict[str, Path]
 
 
 def test_engine_runs_here_names_the_reason(chain: dict[str, Path], tmp_path: Path) -> None:
-    from resopt.info import engine_runs_here
+    from resopt.backends.tensorrt_backend import engine_runs_here
 
     meta = read_onnx_meta(chain["onnx"])
     engine = tmp_path / "r20.engine"
@@ -182,7 +182,7 @@ def test_engine_runs_here_on_this_machine(chain: dict[str, Path], tmp_path: Path
     """What this machine lacks, checked in bench's order: a CUDA GPU first, then TensorRT."""
     import importlib.util
 
-    from resopt.info import engine_runs_here
+    from resopt.backends.tensorrt_backend import engine_runs_here
 
     meta = read_onnx_meta(chain["onnx"])
     engine = tmp_path / "r20.engine"

@@ -18,11 +18,11 @@ pytest.importorskip("openvino")
 
 from resopt.backends import open_runner  # noqa: E402
 from resopt.backends.openvino_backend import (  # noqa: E402
-    cpu_capabilities,
     int8_layer_count,
     precision_summary,
     resolve_precision,
 )
+from resopt.envinfo import cpu_capabilities  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -187,7 +187,7 @@ def test_qat_model_simulates_the_exported_graph(trained_pt):
     function; its state dict is a plain checkpoint of the original architecture."""
     import torch
 
-    from resopt.models import load_model
+    from resopt.artifacts import load_model
     from resopt.quantize.qat import calibrate_ranges, export_state_dict, prepare_qat
 
     model, _ = load_model(trained_pt)

@@ -13,16 +13,13 @@ The package: ``files`` (hashing, atomic writes, output checks, kinds by suffix),
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
-
 from resopt.artifacts.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     Preprocess,
     checkpoint_preprocess,
     load_checkpoint,
+    load_model,
     make_checkpoint,
     save_checkpoint,
     torch_load_plain,
@@ -62,31 +59,10 @@ from resopt.artifacts.sidecar import (
 
 __all__ = [
     "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "ENGINE_SIDECAR_FORMAT", "ENGINE_SIDECAR_VERSION", "FOREIGN_PT_SUFFIXES",
-    "IMPORT_HINT", "KIND_BY_SUFFIX", "MAX_SIDECAR_BYTES", "META_PREFIX", "ArtifactInfo", "EngineSidecar", "Preprocess",
+    "IMPORT_HINT", "KIND_BY_SUFFIX", "MAX_SIDECAR_BYTES", "META_PREFIX", "EngineSidecar", "Preprocess",
     "artifact_kind", "atomic_output", "check_output_path", "checkpoint_preprocess", "jsonable", "library_versions",
-    "lineage_entry", "load_checkpoint", "load_onnx", "make_checkpoint", "onnx_meta_from_checkpoint",
-    "onnx_preprocess", "read_artifact_info", "read_onnx_meta", "read_sidecar", "require_kind", "require_regular",
+    "lineage_entry", "load_checkpoint", "load_model", "load_onnx", "make_checkpoint", "onnx_meta_from_checkpoint",
+    "onnx_preprocess", "read_onnx_meta", "read_sidecar", "require_kind", "require_regular",
     "save_checkpoint", "save_onnx", "sha256_file", "sidecar_path", "stamp_onnx", "torch_load_plain",
     "validate_sidecar", "write_sidecar", "write_text_atomic",
 ]
-
-
-@dataclass(frozen=True)
-class ArtifactInfo:
-    """What ``resopt info`` and ``bench`` know about a file without running it."""
-
-    path: Path
-    kind: str
-    arch: str | None
-    classes: list[str]
-    preprocess: Preprocess | None
-    lineage: list[dict[str, Any]]
-    metrics: dict[str, Any]
-
-
-def read_artifact_info(path: Path) -> ArtifactInfo:
-    """Classes, preprocessing, lineage and metrics of a model file, read by its kind (``resopt.kinds``)."""
-    from resopt.kinds import kind_of
-
-    path = Path(path)
-    return kind_of(path).read_info(path)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resopt.artifacts.files import IMPORT_HINT, atomic_output, require_kind, require_regular
 from resopt.artifacts.lineage import jsonable
 from resopt.errors import InputFileError
+from resopt.models import REGISTRY, model_from_checkpoint
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CHECKPOINT_FORMAT = "resopt.checkpoint"
 CHECKPOINT_VERSION = 1
@@ -96,13 +100,21 @@ def torch_load_plain(path: Path, *, what: str = "PyTorch checkpoint", device: An
                              f"{str(e).splitlines()[0][:120] if str(e) else 'corrupt'})") from None
 
 
+def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
+    """A ``.pt`` checkpoint's model (eval mode, CPU) and the checkpoint dict."""
+    ckpt = load_checkpoint(path)
+    try:
+        return model_from_checkpoint(ckpt), ckpt
+    except KeyError as e:
+        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
+
+
 def load_checkpoint(path: Path) -> dict[str, Any]:
     """Load a resopt ``.pt`` with ``weights_only=True`` and check every field it carries.
 
     Pickled objects are refused, not executed; a field of the wrong type or out of range is an
     ``InputFileError`` naming it (see ``resopt.schema``).
     """
-    from resopt.models import REGISTRY
     from resopt.schema import CheckpointSchema, validate
 
     path = Path(path)

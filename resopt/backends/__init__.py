@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.artifacts import Preprocess, artifact_kind
+from resopt.envinfo import TENSORRT_INSTALL
 from resopt.errors import MissingDependencyError
 
 # kind -> (module, class). The heavy libraries are imported only by the chosen module.
@@ -29,7 +30,7 @@ ONNX_RUNTIMES: dict[str, str] = {"ort": "onnx", "openvino": "onnx:openvino"}
 BACKEND_HINTS: dict[str, str] = {
     "pt": "pip install torch",
     "onnx": "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)",
-    "engine": "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'",
+    "engine": TENSORRT_INSTALL,
     "onnx:openvino": "pip install openvino",
 }
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.backends import Runner
+from resopt.envinfo import cpu_capabilities, openvino_version
 from resopt.errors import InputFileError
 
 # resopt's precision names -> OpenVINO's INFERENCE_PRECISION_HINT values, and the CPU capability each needs
@@ -32,22 +33,6 @@ PRECISIONS: dict[str, tuple[str, str]] = {"f32": ("f32", "FP32"), "bf16": ("bf16
 # Layer types of OpenVINO's CPU runtime model that carry a model's MACs (what "runs in INT8" counts).
 COMPUTE_LAYERS = ("Convolution", "GroupConvolution", "Deconvolution", "FullyConnected", "MatMul")
 INT8_PRECISIONS = ("u8", "i8")
-
-
-def openvino_version() -> tuple[str | None, str | None]:
-    """(version, None) if ``import openvino`` works, else (None, the reason)."""
-    try:
-        import openvino as ov
-    except ImportError as e:
-        return None, f"OpenVINO is not installed ({getattr(e, 'msg', e)})"
-    return str(ov.__version__).split("-", 1)[0], None
-
-
-def cpu_capabilities() -> list[str]:
-    """The CPU plugin's OPTIMIZATION_CAPABILITIES (e.g. FP32, BF16, INT8); needs OpenVINO."""
-    import openvino as ov
-
-    return [str(c) for c in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")]
 
 
 def resolve_precision(requested: str, capabilities: list[str] | tuple[str, ...]) -> tuple[str, str | None]:

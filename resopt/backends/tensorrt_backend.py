@@ -20,13 +20,15 @@ from typing import Any
 from resopt.artifacts import Preprocess, read_sidecar, sha256_file, validate_sidecar
 from resopt.backends import Runner
 from resopt.envinfo import TENSORRT_INSTALL, trt_major
-from resopt.errors import EnvironmentMismatchError, InputFileError, MissingDependencyError, UsageError
+from resopt.errors import EnvironmentMismatchError, InputFileError, MissingDependencyError, ResoptError, UsageError
 
-MIN_TRT_MAJOR = 10
+# The TensorRT major versions this code handles (the extras in pyproject.toml are bounded to the same):
+# 10 (builder flags, implicit INT8 calibration) and 11 (strongly typed networks only).
+MIN_TRT_MAJOR, MAX_TRT_MAJOR = 10, 11
 
 
 def require_tensorrt() -> Any:
-    """The ``tensorrt`` module (10.x or newer), or a one-line MissingDependencyError naming the extra."""
+    """The ``tensorrt`` module (10.x or 11.x), or a one-line MissingDependencyError naming the extra."""
     try:
         import tensorrt as trt
     except ImportError:
@@ -40,6 +42,9 @@ def require_tensorrt() -> Any:
     if trt_major(version) < MIN_TRT_MAJOR:
         raise MissingDependencyError(f"TensorRT {version} is too old; resopt needs TensorRT {MIN_TRT_MAJOR} or newer",
                                      hint=TENSORRT_INSTALL)
+    if trt_major(version) > MAX_TRT_MAJOR:
+        raise MissingDependencyError(f"TensorRT {version} is newer than resopt knows (it handles {MIN_TRT_MAJOR}.x "
+                                     f"and {MAX_TRT_MAJOR}.x)", hint=TENSORRT_INSTALL)
     return trt
 
 
@@ -146,6 +151,29 @@ def check_engine_env(sidecar: dict[str, Any], here: dict[str, Any], *, engine: P
 # ---------------------------------------------------------------------------------------------- runner
 
 
+def engine_runs_here(sidecar: dict[str, Any], engine: Path, *, here: dict[str, Any] | None = None) -> tuple[bool, str]:
+    """Whether this machine can run ``engine``, and one line saying why not.
+
+    The checks ``bench`` makes before it loads a plan, in the same order (engine file against its sidecar,
+    a CUDA GPU, TensorRT, then the GPU model and TensorRT release the plan was built for), but reported
+    instead of raised, so ``info`` describes an engine from any machine. ``here`` replaces this machine's
+    facts (GPU, compute capability, TensorRT version), as ``engine_env_here`` returns them.
+    """
+    recorded = (sidecar.get("engine") or {}).get("sha256")
+    if recorded and recorded != sha256_file(engine):
+        return False, "no: the engine file does not match its sidecar (sha256 differs); it was replaced after the build"
+    try:
+        if here is None:
+            from resopt.backends.cuda import require_cuda
+
+            require_cuda("a TensorRT engine")  # no GPU: EnvironmentMismatchError
+            here = engine_env_here(require_tensorrt().__version__)  # no TensorRT: MissingDependencyError
+        check_engine_env(sidecar, here, engine=engine)  # another GPU or TensorRT release
+    except ResoptError as e:
+        return False, f"no: {e.message}"
+    return True, f"yes: built with {describe_env(sidecar['built_with'])}, as this machine has"
+
+
 def profile_slices(n: int, min_batch: int, max_batch: int) -> list[tuple[int, int, int]]:
     """How ``n`` samples run on an engine whose profile accepts ``min_batch..max_batch``: ``(start, stop, size)``
     per call, slices of at most ``max_batch``; a slice shorter than ``min_batch`` (the last one, or all of a
@@ -156,12 +184,27 @@ def profile_slices(n: int, min_batch: int, max_batch: int) -> list[tuple[int, in
             for start in range(0, n, max_batch)]
 
 
-def _torch_dtype(trt: Any, trt_dtype: Any) -> Any:
-    """torch dtype of a TensorRT tensor, through numpy (``trt.nptype``) rather than a hand-kept table."""
+# I/O types TensorRT has and numpy has not (``trt.nptype`` raises TypeError on them), by DataType name: torch has
+# them, and the runner's buffers are torch tensors. TensorRT's FP8 is E4M3.
+TORCH_ONLY_TYPES = {"BF16": "bfloat16", "FP8": "float8_e4m3fn"}
+
+
+def tensor_torch_dtype(trt: Any, trt_dtype: Any, *, tensor: str = "", path: Path | None = None) -> Any:
+    """torch dtype of a TensorRT tensor, through numpy (``trt.nptype``) rather than a hand-kept table, except
+    the types numpy lacks (``TORCH_ONLY_TYPES``); any other type is refused with one line (InputFileError)."""
     import numpy as np
     import torch
 
-    return torch.from_numpy(np.empty(0, dtype=trt.nptype(trt_dtype))).dtype
+    name = str(getattr(trt_dtype, "name", trt_dtype)).rsplit(".", 1)[-1]
+    if name in TORCH_ONLY_TYPES:
+        return getattr(torch, TORCH_ONLY_TYPES[name])
+    try:
+        np_type = trt.nptype(trt_dtype)
+    except TypeError:
+        raise InputFileError(f"{path or 'engine'} tensor {tensor!r} is TensorRT {name}, which resopt cannot feed "
+                             f"or read (no numpy or torch type for it)",
+                             hint="rebuild it from an ONNX whose input and output are float32 or float16") from None
+    return torch.from_numpy(np.empty(0, dtype=np_type)).dtype
 
 
 class TrtRunner(Runner):
@@ -216,8 +259,10 @@ class TrtRunner(Runner):
             raise InputFileError(f"{path or 'engine'} has {len(inputs)} inputs and {len(outputs)} outputs; "
                                  f"resopt runs single-input, single-output classifiers")
         self.input_name, self.output_name = inputs[0], outputs[0]
-        self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name))
-        self.output_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name))
+        self.input_dtype = tensor_torch_dtype(trt, self.engine.get_tensor_dtype(self.input_name),
+                                              tensor=self.input_name, path=path)
+        self.output_dtype = tensor_torch_dtype(trt, self.engine.get_tensor_dtype(self.output_name),
+                                               tensor=self.output_name, path=path)
         shape = tuple(self.engine.get_tensor_shape(self.input_name))
         if shape[0] == -1:  # dynamic batch: the profile bounds it
             lo, _opt, hi = (tuple(s) for s in self.engine.get_tensor_profile_shape(self.input_name, 0))

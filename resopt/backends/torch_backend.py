@@ -20,9 +20,8 @@ class TorchRunner(Runner):
                  channels_last: bool = False, model: Any = None, checkpoint: dict | None = None) -> None:
         import torch
 
-        from resopt.artifacts import checkpoint_preprocess
+        from resopt.artifacts import checkpoint_preprocess, load_model
         from resopt.backends.cuda import resolve_device
-        from resopt.models import load_model
 
         if model is None:
             model, checkpoint = load_model(path)

@@ -51,7 +51,6 @@ from resopt.bench.config import (
     PT_VARIANTS,
     RUNTIMES,
     BenchConfig,
-    available_cores,
     parse_batch_sizes,
     parse_choices,
     parse_pt_variants,
@@ -62,7 +61,7 @@ from resopt.bench.worker import Worker
 
 __all__ = [
     "DEFAULT_PT_VARIANTS", "DEVICES", "PRECISIONS", "PT_VARIANTS", "RUNTIMES", "BenchConfig", "BenchReport",
-    "LatencyStats", "ModelBench", "available_cores", "bench_models", "host_info", "latency_stats",
+    "LatencyStats", "ModelBench", "bench_models", "host_info", "latency_stats",
     "parse_batch_sizes", "parse_choices", "parse_pt_variants", "preflight", "round_ratios", "with_speedups",
 ]
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
+from resopt.envinfo import available_cores
 from resopt.errors import UsageError
 
 DEVICES = ("cpu", "gpu")
@@ -63,14 +63,6 @@ def parse_choices(option: str, text: str | tuple[str, ...] | list[str], allowed:
 # bench --runtime and --precision values (CPU runtimes for .onnx files; precisions OpenVINO can be told to use).
 RUNTIMES = ("ort", "openvino")
 PRECISIONS = ("f32", "bf16")
-
-
-def available_cores() -> int:
-    """Cores this process may run on (the affinity mask, not the machine's total)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

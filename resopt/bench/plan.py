@@ -9,9 +9,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from resopt.bench.config import PT_VARIANTS, BenchConfig, available_cores
+from resopt.bench.config import PT_VARIANTS, BenchConfig
+from resopt.envinfo import available_cores, cpu_capabilities, openvino_version, read_cpu_fields
 from resopt.errors import EnvironmentMismatchError, MissingDependencyError, UsageError
-from resopt.kinds import KINDS, ModelStats
+from resopt.kinds import KINDS, ModelStats, read_artifact_info
 
 
 def host_info(device: str) -> dict[str, Any]:
@@ -19,12 +20,7 @@ def host_info(device: str) -> dict[str, Any]:
 
     from resopt.artifacts import library_versions
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
+    cpu = read_cpu_fields().get("model name") or platform.processor() or platform.machine()
     info: dict[str, Any] = {"host": platform.node(), "cpu": cpu, "cores": available_cores(),
                             "device": device, "versions": library_versions()}
     if hasattr(os, "getloadavg"):
@@ -64,7 +60,7 @@ def bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
     """The square image size of an ONNX graph's input; refuses sizes or batches the graph cannot take."""
     from resopt.artifacts import load_onnx
     from resopt.errors import InputFileError
-    from resopt.importer.onnx_source import graph_input
+    from resopt.onnx_utils import graph_input
 
     model = load_onnx(path, load_weights=False)
     dims = [d.dim_value if d.HasField("dim_value") else None
@@ -81,7 +77,7 @@ def bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
 
 def preflight(paths: list[Path], cfg: BenchConfig) -> list[Planned]:
     """Everything that can fail fast (files, backends, device, data classes) before any worker starts."""
-    from resopt.artifacts import artifact_kind, read_artifact_info
+    from resopt.artifacts import artifact_kind
     from resopt.backends import BACKEND_HINTS, BACKENDS, ONNX_RUNTIMES, backend_available
 
     if not paths:
@@ -162,7 +158,7 @@ def openvino_precisions(cfg: BenchConfig) -> tuple[str, ...]:
     """The precisions OpenVINO rows run in: each asked-for one this CPU has (BF16 falls back to f32 with a
     warning where the CPU lacks it); fails with one line when OpenVINO is not installed."""
     from resopt.backends import BACKEND_HINTS
-    from resopt.backends.openvino_backend import cpu_capabilities, openvino_version, resolve_precision
+    from resopt.backends.openvino_backend import resolve_precision
     from resopt.console import warn
 
     version, reason = openvino_version()

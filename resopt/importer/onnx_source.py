@@ -16,37 +16,16 @@ from typing import Any
 from resopt.console import log
 from resopt.errors import InputFileError, UsageError, VerificationError
 from resopt.importer import ImportConfig, ImportResult, check_not_chance, default_preprocess, resolve_classes
+from resopt.onnx_utils import graph_input, tensor_dims
 from resopt.verify import parity_of
 
 MIN_OPSET = 13  # per-channel QuantizeLinear / DequantizeLinear (axis attribute)
 UPGRADE_OPSET = 17
 
 
-def _dims(value_info: Any) -> list[int | str]:
-    return [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?")
-            for d in value_info.type.tensor_type.shape.dim]
-
-
-def graph_input(model: Any, path: Path) -> Any:
-    """The one real input (initializers listed as inputs by old exporters are not inputs)."""
-    import onnx
-
-    from resopt.onnx_utils import image_input
-
-    inp = image_input(model, path)
-    dims = _dims(inp)
-    if inp.type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
-        raise InputFileError(f"{path}: input {inp.name} has element type {inp.type.tensor_type.elem_type}; "
-                             f"expected a float32 NCHW tensor")
-    if isinstance(dims[1], int) and dims[1] not in (1, 3):
-        raise InputFileError(f"{path}: input {inp.name} has shape {dims}; expected NCHW with 3 (or 1) channels "
-                             f"in dimension 1")
-    return inp
-
-
 def input_hw(model: Any, path: Path) -> tuple[int, int] | None:
     """The fixed (H, W) of the graph's image input, or None where they are dynamic."""
-    dims = _dims(graph_input(model, path))
+    dims = tensor_dims(graph_input(model, path))
     return (dims[2], dims[3]) if isinstance(dims[2], int) and isinstance(dims[3], int) and dims[2] > 0 else None
 
 
@@ -134,11 +113,12 @@ def import_onnx(source: Path, output: Path, cfg: ImportConfig) -> ImportResult:
         raise InputFileError(f"{source} already carries resopt metadata; there is nothing to import",
                              hint=f"use it directly: resopt info {source}")
     inp = graph_input(model, source)
-    if len(model.graph.output) != 1 or len(_dims(model.graph.output[0])) != 2:
+    if len(model.graph.output) != 1 or len(tensor_dims(model.graph.output[0])) != 2:
+        shapes = [tensor_dims(o) for o in model.graph.output]
         raise InputFileError(f"{source} has {len(model.graph.output)} output(s) of shape "
-                             f"{[_dims(o) for o in model.graph.output]}; an image classifier has one [N, classes]")
-    dims = _dims(inp)
-    out_dims = _dims(model.graph.output[0])
+                             f"{shapes}; an image classifier has one [N, classes]")
+    dims = tensor_dims(inp)
+    out_dims = tensor_dims(model.graph.output[0])
     num_outputs = out_dims[1] if isinstance(out_dims[1], int) and out_dims[1] > 0 else None
     hw = input_hw(model, source)
     if hw is not None and hw[0] != hw[1]:

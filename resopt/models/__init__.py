@@ -15,8 +15,6 @@ from typing import TYPE_CHECKING, Any
 from resopt.errors import InputFileError, MissingDependencyError, UsageError, choice_error
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from torch import nn
 
 
@@ -201,17 +199,6 @@ def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
         raise InputFileError(f"checkpoint weights do not fit architecture {ckpt['arch']}: {' '.join(first)[:200]}") \
             from None
     return model.eval()
-
-
-def load_model(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    """A ``.pt`` checkpoint's model (eval mode, CPU) and the checkpoint dict."""
-    from resopt.artifacts import load_checkpoint
-
-    ckpt = load_checkpoint(path)
-    try:
-        return model_from_checkpoint(ckpt), ckpt
-    except KeyError as e:
-        raise InputFileError(f"{path} is missing the checkpoint field {e}") from None
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:

@@ -183,8 +183,7 @@ class PruneResult:
 
 
 def _load_parent(path: Path) -> tuple[nn.Module, dict[str, Any]]:
-    from resopt.artifacts import require_kind
-    from resopt.models import load_model
+    from resopt.artifacts import load_model, require_kind
 
     require_kind(Path(path), "pt", hint="prune the .pt checkpoint, then export the pruned one: "
                                         "resopt prune MODEL.pt -o small.pt && resopt export small.pt")

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resopt.console import progress
+from resopt.envinfo import cpu_has_vnni
 from resopt.errors import InputFileError
 
 if TYPE_CHECKING:
@@ -53,15 +54,6 @@ def quiet_ort() -> Iterator[None]:
             yield
     finally:
         root.setLevel(level)
-
-
-def cpu_has_vnni() -> bool | None:
-    """Whether this x86 CPU has VNNI (None where it cannot be told, e.g. not Linux)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    return any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
 
 
 def default_reduce_range() -> bool:

@@ -278,11 +278,10 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
     import tempfile
     import time
 
-    from resopt.artifacts import check_output_path, checkpoint_preprocess, make_checkpoint, save_checkpoint
+    from resopt.artifacts import check_output_path, checkpoint_preprocess, load_model, make_checkpoint, save_checkpoint
     from resopt.backends.ort_backend import onnx_predict
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.console import log
-    from resopt.models import load_model
     from resopt.quantize import ort as q
     from resopt.quantize.config import QatOptions
     from resopt.quantize.pipeline import (

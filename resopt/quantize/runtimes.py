@@ -51,7 +51,7 @@ def openvino_int8_layers(path: Path, input_size: int) -> dict[str, Any]:
 
 def runtime_int8_layers(path: Path, input_size: int) -> dict[str, Any]:
     """Per CPU runtime, how many compute layers of ``path`` execute in INT8 (see the module doc)."""
-    from resopt.backends.openvino_backend import openvino_version
+    from resopt.envinfo import openvino_version
 
     counts: dict[str, Any] = {"onnxruntime": ort_int8_layers(path)}
     version, reason = openvino_version()
