@@ -55,11 +55,12 @@ def summarize(steps: Path, archs: list[str], *, smoke: bool, seconds: float | No
         export = _load(steps, f"export-{arch}")
         entry: dict[str, Any] = {"trained": train is not None}
         if train is not None:
-            entry["train"] = {k: train.get(k) for k in ("top1", "top5", "best_epoch", "epochs", "train_seconds",
+            entry["train"] = {k: train.get(k) for k in ("top1", "top5", "split", "val_top1", "val_images",
+                                                        "best_epoch", "epochs", "train_seconds",
                                                         "train_images_per_sec", "train_images", "eval_images",
                                                         "device", "data_path", "params", "macs")}
             entry["train"]["epoch_images_per_sec"] = [row.get("images_per_sec") for row in train.get("history", [])]
-            entry["train"]["epoch_top1"] = [row.get("top1") for row in train.get("history", [])]
+            entry["train"]["epoch_val_top1"] = [row.get("val_top1") for row in train.get("history", [])]
         entry["gpu_bench"] = _bench_rows(_load(steps, f"bench-gpu-{arch}"), peak=not smoke)
         if export is not None:
             entry["export"] = {"exporter": export.get("exporter"), "verification": export.get("verification")}

@@ -102,7 +102,7 @@ def test_every_row_joins_its_file_parent_and_bench_row(full: dict, chain: dict[s
     # The curves come from the history train and prune recorded in the checkpoints.
     runs = {c["run"]: c["history"] for c in doc["curves"]}
     assert [len(runs["train -> r20.pt"]), len(runs["prune -> r20.p50.pt"])] == [2, 1]
-    assert {"loss", "train_top1", "top1"} <= set(runs["train -> r20.pt"][0])
+    assert {"loss", "train_top1", "val_top1"} <= set(runs["train -> r20.pt"][0])
 
 
 def test_pareto_marks_agree_with_the_numbers(full: dict) -> None:

@@ -96,8 +96,7 @@ class FitResult:
     world_size: int = 1
     data_path: str = "pil"  # "fast" when the training set was a decoded tensor (data.decoded)
     epochs: int = 0  # epochs trained (fewer than asked when a time budget ended training)
-
-    select: str = "best"
+    select: str = "best"  # how the kept epoch was chosen: best (by val top-1) or last
 
     def metrics(self) -> dict[str, Any]:
         """What the lineage records of the fit; the kept epoch's top-1/top-5 were measured on val."""
@@ -366,8 +365,9 @@ def fit(
 
     seconds = time.perf_counter() - t_start
     if dist.main and history:
+        why = "no validation split" if eval_loader is None else f"--select {cfg.select}"
         log(f"{description}: best epoch {best['epoch']} (chosen on val)" if cfg.select == "best" and eval_loader
-            else f"{description}: kept the last epoch, {best['epoch']} (--select {cfg.select})")
+            else f"{description}: kept the last epoch, {best['epoch']} ({why})")
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     model.to("cpu")
