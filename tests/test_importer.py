@@ -425,3 +425,35 @@ def test_prune_without_data_uses_the_lineage(cli, tmp_path, imported, cifar_mini
     assert r.code == 0, r.stderr
     assert f"data: {cifar_mini} (recorded in the `import` step of r20.pt" in r.stderr
     assert r.json()["before"]["top1"] > 60.0
+
+
+# ------------------------------------------------------------------------------------- the import formats
+
+
+def test_import_formats_by_suffix_default_output_and_producer(tmp_path: Path) -> None:
+    """The table of import formats (importer.SOURCES) against the formats README's import section lists."""
+    import importlib
+
+    from resopt.errors import InputFileError
+    from resopt.importer import SOURCES, default_output, source_format
+
+    for suffix in (".pt", ".pth", ".th", ".ckpt", ".tar", ".PTH"):
+        assert source_format(Path(f"m{suffix}")) == "pytorch"
+    assert source_format(Path("m.onnx")) == "onnx"
+    assert default_output(Path("/x/r56.th")) == Path("/x/r56.pt")
+    assert default_output(Path("/x/model.onnx")) == Path("/x/model.resopt.onnx")
+    with pytest.raises(InputFileError) as e:
+        source_format(Path("m.engine"))
+    assert e.value.message == ("m.engine is not a model file `resopt import` reads (suffix '.engine'); expected "
+                               "one of: .pt, .pth, .th, .ckpt, .tar, .onnx")
+    for source in SOURCES:
+        module, func = source.producer.split(":")
+        assert callable(getattr(importlib.import_module(module), func)), source.format
+
+
+def test_a_foreign_suffix_gets_the_import_hint_elsewhere(cli, tmp_path: Path) -> None:
+    """The files `import` reads are the ones another command sends there (artifacts.FOREIGN_PT_SUFFIXES)."""
+    src = tmp_path / "r56.th"
+    src.write_bytes(b"not a checkpoint")
+    r = cli("info", src)
+    assert r.code == 3 and "resopt import" in r.stderr and str(src) in r.stderr

@@ -13,8 +13,9 @@ from pathlib import Path
 from resopt.errors import InputFileError, OutputError, UsageError
 
 KIND_BY_SUFFIX = {".pt": "pt", ".pth": "pt", ".onnx": "onnx", ".engine": "engine", ".plan": "engine"}
-# Suffixes of PyTorch checkpoints written elsewhere: `resopt import` turns them into resopt artifacts.
-FOREIGN_PT_SUFFIXES = (".th", ".ckpt", ".tar", ".pth", ".pt")
+# Suffixes of PyTorch checkpoints written elsewhere: `resopt import` turns them into resopt artifacts (its
+# PyTorch source in importer.SOURCES reads these, in this order, which its error line lists).
+FOREIGN_PT_SUFFIXES = (".pt", ".pth", ".th", ".ckpt", ".tar")
 IMPORT_HINT = "bring it in with `resopt import {path} --mean R,G,B --std R,G,B --data DATA -o model.pt`"
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,24 +16,46 @@ from resopt.artifacts import Preprocess, artifact_kind
 from resopt.envinfo import TENSORRT_INSTALL
 from resopt.errors import MissingDependencyError
 
-# kind -> (module, class). The heavy libraries are imported only by the chosen module.
-BACKENDS: dict[str, tuple[str, str]] = {
-    "pt": ("resopt.backends.torch_backend", "TorchRunner"),
-    "onnx": ("resopt.backends.ort_backend", "OrtRunner"),
-    "engine": ("resopt.backends.tensorrt_backend", "TrtRunner"),
-    # A kind on a runtime other than its default one: "kind:runtime" (``bench --runtime openvino``).
-    "onnx:openvino": ("resopt.backends.openvino_backend", "OpenVinoRunner"),
-}
-# ``bench --runtime`` names -> the BACKENDS key that runs an .onnx file on that runtime.
-ONNX_RUNTIMES: dict[str, str] = {"ort": "onnx", "openvino": "onnx:openvino"}
 
-# What to install when a backend's module or library is missing (pt and onnx are core dependencies).
-BACKEND_HINTS: dict[str, str] = {
-    "pt": "pip install torch",
-    "onnx": "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)",
-    "engine": TENSORRT_INSTALL,
-    "onnx:openvino": "pip install openvino",
-}
+@dataclass(frozen=True)
+class Backend:
+    """One way to run a file: everything the runner registry, ``bench`` and its option checks know about it.
+
+    ``key`` is the artifact kind it runs by default (``pt``, ``onnx``, ``engine``) or ``kind:runtime`` for a kind
+    on another runtime (``onnx:openvino``). ``runtime`` is its ``bench --runtime`` name where .onnx files can be
+    sent to it by name; ``cpu_only`` refuses ``--device gpu`` for it; ``precisions`` are the ``bench
+    --precision`` values it can be asked for (more than f32: the runtime chooses its inference precision).
+    """
+
+    key: str
+    module: str  # imported only when a file of this kind is run: the heavy library stays out of --help
+    cls: str
+    hint: str  # what to install when the module or its library is missing
+    runtime: str | None = None
+    cpu_only: bool = False
+    precisions: tuple[str, ...] = ("f32",)
+
+
+# The one table of backends. Adding a runtime: a Runner subclass in its own module and one entry here.
+_BACKENDS = (
+    Backend("pt", "resopt.backends.torch_backend", "TorchRunner", "pip install torch"),
+    Backend("onnx", "resopt.backends.ort_backend", "OrtRunner",
+            "pip install onnxruntime (or onnxruntime-gpu for the CUDA provider)", runtime="ort"),
+    Backend("engine", "resopt.backends.tensorrt_backend", "TrtRunner", TENSORRT_INSTALL),
+    Backend("onnx:openvino", "resopt.backends.openvino_backend", "OpenVinoRunner", "pip install openvino",
+            runtime="openvino", cpu_only=True, precisions=("f32", "bf16")),
+)
+# Views of that table, derived from it: key -> (module, class); ``bench --runtime`` name -> key (runtimes for
+# .onnx files); key -> install hint.
+BACKENDS: dict[str, tuple[str, str]] = {b.key: (b.module, b.cls) for b in _BACKENDS}
+BACKEND_RECORDS: dict[str, Backend] = {b.key: b for b in _BACKENDS}
+ONNX_RUNTIMES: dict[str, str] = {b.runtime: b.key for b in _BACKENDS if b.runtime}
+BACKEND_HINTS: dict[str, str] = {b.key: b.hint for b in _BACKENDS}
+
+
+def runtime_record(runtime: str) -> Backend:
+    """The backend a ``bench --runtime`` name stands for."""
+    return BACKEND_RECORDS[ONNX_RUNTIMES[runtime]]
 
 
 class Runner:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from resopt.backends import ONNX_RUNTIMES, runtime_record
 from resopt.envinfo import available_cores
 from resopt.errors import UsageError
 
@@ -60,9 +61,10 @@ def parse_choices(option: str, text: str | tuple[str, ...] | list[str], allowed:
     return tuple(dict.fromkeys(items))
 
 
-# bench --runtime and --precision values (CPU runtimes for .onnx files; precisions OpenVINO can be told to use).
-RUNTIMES = ("ort", "openvino")
-PRECISIONS = ("f32", "bf16")
+# bench --runtime and --precision values, from the backends' table: the runtimes .onnx files can be sent to,
+# and the precisions those runtimes can be asked for.
+RUNTIMES = tuple(ONNX_RUNTIMES)
+PRECISIONS = tuple(dict.fromkeys(p for r in RUNTIMES for p in runtime_record(r).precisions))
 
 
 @dataclass(frozen=True)
@@ -103,12 +105,14 @@ class BenchConfig:
             raise UsageError("--limit-per-class needs --data")
         parse_choices("--runtime", self.runtimes, RUNTIMES)
         parse_choices("--precision", self.precisions, PRECISIONS)
-        if "openvino" in self.runtimes and self.device != "cpu":
-            raise UsageError("--runtime openvino runs on the CPU; use --device cpu")
-        if set(self.precisions) != {"f32"} and "openvino" not in self.runtimes:
-            raise UsageError(f"--precision {','.join(self.precisions)} applies to --runtime openvino "
+        for r in self.runtimes:
+            if runtime_record(r).cpu_only and self.device != "cpu":
+                raise UsageError(f"--runtime {r} runs on the CPU; use --device cpu")
+        choosers = [r for r in RUNTIMES if len(runtime_record(r).precisions) > 1]
+        if set(self.precisions) != {"f32"} and not set(choosers) & set(self.runtimes):
+            raise UsageError(f"--precision {','.join(self.precisions)} applies to --runtime {','.join(choosers)} "
                              f"(onnxruntime's CPU provider runs each file in its own precision)",
-                             hint="add --runtime ort,openvino")
+                             hint=f"add --runtime {','.join(RUNTIMES)}")
         fp16 = [v for v in parse_pt_variants(self.pt_variants) or () if PT_VARIANTS[v].get("fp16")]
         if fp16 and self.device != "gpu":
             raise UsageError(f"--pt-variants {fp16[0]} needs --device gpu (FP16 autocast runs on CUDA)")

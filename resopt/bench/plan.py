@@ -142,8 +142,8 @@ def preflight(paths: list[Path], cfg: BenchConfig) -> list[Planned]:
                         for v in cfg.effective_pt_variants]
         elif kind == "onnx":
             for runtime in cfg.runtimes:
-                if runtime == "ort":
-                    planned.append(Planned(p, kind, classes, size, stats, onnx_device, runtime="ort",
+                if ONNX_RUNTIMES[runtime] == kind:  # the kind's own backend: the file's device and precision
+                    planned.append(Planned(p, kind, classes, size, stats, onnx_device, runtime=runtime,
                                             speed_only=speed_only))
                     continue
                 planned += [Planned(p, kind, classes, size, stats, "cpu", options={"precision": prec},

@@ -15,15 +15,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resopt.artifacts import Preprocess
+from resopt.artifacts import FOREIGN_PT_SUFFIXES, Preprocess
 from resopt.console import log
 from resopt.errors import DataError, InputFileError, UsageError, VerificationError
 
 if TYPE_CHECKING:
     from torch import nn
 
-PYTORCH_SUFFIXES = (".pt", ".pth", ".th", ".ckpt", ".tar")
-ONNX_SUFFIXES = (".onnx",)
+
+
+@dataclass(frozen=True)
+class Source:
+    """One format ``resopt import`` reads: everything the command needs to know about it, in one record."""
+
+    format: str  # the lineage's "format"
+    suffixes: tuple[str, ...]  # of the source file
+    output_suffixes: tuple[str, ...]  # what -o may be
+    default_output: str  # next to the source, from its stem
+    producer: str  # "module:function" (source, output, ImportConfig) -> ImportResult, imported when used
+
+
+# The one table of import formats. Adding one: a module with its producer and an entry here. The PyTorch
+# suffixes are artifacts' (whose "bring it in with `resopt import`" hint names the same files).
+SOURCES: tuple[Source, ...] = (
+    Source("pytorch", FOREIGN_PT_SUFFIXES, (".pt", ".pth"), "{stem}.pt", "resopt.importer:import_pytorch"),
+    Source("onnx", (".onnx",), (".onnx",), "{stem}.resopt.onnx", "resopt.importer.onnx_source:import_onnx"),
+)
 
 
 @dataclass(frozen=True)
@@ -145,25 +162,29 @@ def default_preprocess(cfg: ImportConfig, *, input_size: int) -> Preprocess:
                       resize=resize)
 
 
-def source_format(path: Path) -> str:
+def source_of(path: Path) -> Source:
+    """The import format of ``path``, by its suffix; one line listing every readable suffix otherwise."""
     suffix = path.suffix.lower()
-    if suffix in ONNX_SUFFIXES:
-        return "onnx"
-    if suffix in PYTORCH_SUFFIXES:
-        return "pytorch"
+    for source in SOURCES:
+        if suffix in source.suffixes:
+            return source
     raise InputFileError(f"{path} is not a model file `resopt import` reads (suffix {suffix or 'none'!r}); "
-                         f"expected one of: {', '.join(PYTORCH_SUFFIXES + ONNX_SUFFIXES)}")
+                         f"expected one of: {', '.join(x for source in SOURCES for x in source.suffixes)}")
+
+
+def source_format(path: Path) -> str:
+    return source_of(path).format
 
 
 def default_output(source: Path) -> Path:
     """``r56.th`` -> ``r56.pt``; ``model.onnx`` -> ``model.resopt.onnx`` (next to the source)."""
-    if source_format(source) == "onnx":
-        return source.with_name(source.stem + ".resopt.onnx")
-    return source.with_name(source.stem + ".pt")
+    return source.with_name(source_of(source).default_output.format(stem=source.stem))
 
 
 def import_model(source: Path, output: Path | None, cfg: ImportConfig) -> ImportResult:
     """Turn ``source`` (a foreign PyTorch checkpoint or ONNX classifier) into a resopt artifact."""
+    import importlib
+
     from resopt.artifacts import check_output_path
 
     source = Path(source)
@@ -171,15 +192,13 @@ def import_model(source: Path, output: Path | None, cfg: ImportConfig) -> Import
         raise InputFileError(f"{source} does not exist")
     if source.is_dir():
         raise InputFileError(f"{source} is a folder, not a model file")
-    fmt = source_format(source)
+    fmt = source_of(source)
     cfg.validate()
     output = Path(output) if output is not None else default_output(source)
-    check_output_path(output, source, suffixes=(".onnx",) if fmt == "onnx" else (".pt", ".pth"))
-    if fmt == "onnx":
-        from resopt.importer.onnx_source import import_onnx
-
-        return import_onnx(source, output, cfg)
-    return import_pytorch(source, output, cfg)
+    check_output_path(output, source, suffixes=fmt.output_suffixes)
+    module, func = fmt.producer.split(":")
+    result: ImportResult = getattr(importlib.import_module(module), func)(source, output, cfg)
+    return result
 
 
 # --------------------------------------------------------------------------------------------- PyTorch
