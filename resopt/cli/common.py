@@ -71,6 +71,20 @@ def kv_table(title: str, rows: list[tuple[str, Any]]) -> Any:
     return table
 
 
+def given_flags(ctx: typer.Context) -> list[str]:
+    """The flags the user typed (an explicit default counts: ``--target cpu --mode fp16`` is refused too), each
+    by its long name. The parameter source is compared by name: typer ships its own copy of click's
+    ``ParameterSource``."""
+    typed = []
+    for p in ctx.command.params:
+        if p.param_type_name != "option":  # arguments are always given
+            continue
+        source = ctx.get_parameter_source(p.name) if p.name else None
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            typed.append(next((o for o in p.opts if o.startswith("--")), p.opts[0]))
+    return typed
+
+
 def default_output(model: Path, suffix: str) -> Path:
     """``r20.pt`` + ``.onnx`` -> ``r20.onnx``; ``r20.onnx`` + ``.int8.onnx`` -> ``r20.int8.onnx``."""
     return model.with_name(model.name[: -len(model.suffix)] + suffix)
