@@ -119,6 +119,18 @@ TimeBudgetOpt = Annotated[float | None, typer.Option(
     show_default=False)]
 
 
+def train_config(values: dict[str, Any], **overrides: Any) -> Any:
+    """The one ``TrainConfig`` builder of the commands that train (train, distill, prune's fine-tuning): every
+    field from the command's parameter of the same name (pass ``locals()``), then ``overrides``. A trainer
+    option added to ``TrainConfig`` and declared on a command reaches it without another hand-written copy."""
+    from dataclasses import fields
+
+    from resopt.train import TrainConfig
+
+    given = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
+    return TrainConfig(**{**given, **overrides})
+
+
 # ------------------------------------------------------------------------------------- option ranges
 
 # One table of the numeric options' ranges, by parameter name (the same name means the same thing in every

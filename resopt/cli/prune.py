@@ -31,6 +31,7 @@ from resopt.cli.common import (
     given_flags,
     human_bytes,
     human_count,
+    train_config,
 )
 
 
@@ -110,7 +111,7 @@ def prune_cmd(
     check_options(locals())
     from resopt.errors import UsageError
     from resopt.prune import check_flags_apply
-    from resopt.train import DataOptions, TrainConfig
+    from resopt.train import DataOptions
 
     # An option that would have no effect is an error, not ignored.
     check_flags_apply(method, given_flags(ctx), analyze=analyze, finetune=finetune_epochs > 0,
@@ -142,10 +143,7 @@ def prune_cmd(
     cfg = PruneConfig(method=method, sparsity=sparsity, target_macs=target_macs, global_=global_,
                       iterative=iterative, steps=steps, round_to=round_to, layer_ratios=layer_ratios,
                       finetune_epochs=finetune_epochs, teacher=teacher, alpha=alpha, temperature=temperature)
-    train = TrainConfig(epochs=max(1, finetune_epochs), batch_size=batch_size, lr=lr, optimizer=optimizer,
-                        momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, amp=amp,
-                        channels_last=channels_last, seed=seed, device=device, workers=workers)
+    train = train_config(locals(), epochs=max(1, finetune_epochs))
     result = prune_checkpoint(model, cfg, data=data_opts, train=train,
                               output=output or default_output(model, ".pruned.pt"))
     emit(result.summary(), json_out=json_, render=_render)
