@@ -149,3 +149,17 @@ def test_same_seed_same_student(cli, trained_pt: Path, cifar_small: Path, tmp_pa
     a, b, c = (load_checkpoint(tmp_path / n)["state_dict"] for n in ("a.pt", "b.pt", "c.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a), "another seed must give other weights"
+
+
+def test_distill_takes_the_time_budget(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:
+    """distill shares train's trainer options (issue 23: it had no --time-budget): the first epoch alone exceeds
+    a 1 ms budget, so 1 of the 50 epochs runs."""
+    out = tmp_path / "kd.pt"
+    r = cli("distill", "--teacher", trained_pt, "--student", "resnet20", "--width", "0.25", "--data", cifar_small,
+            "--limit-per-class", "5", "--batch-size", "25", "--epochs", "50", "--time-budget", "0.001", "-o", out,
+            "--json")
+    assert r.code == 0, r.stderr
+    assert len(load_checkpoint(out)["lineage"][0]["metrics"]["history"]) == 1
+    r = cli("distill", "--teacher", trained_pt, "--student", "resnet20", "--data", cifar_small, "--time-budget", "-1",
+            "-o", tmp_path / "n.pt")
+    assert r.code == 2 and "--time-budget must be" in r.stderr

@@ -235,9 +235,25 @@ def _pre(ckpt: dict):
     (["--sparsity", "0.5", "--steps", "3"], 2, "--steps needs --iterative"),
     (["--method", "l3-struct", "--sparsity", "0.5"], 2,
      "unknown pruning method 'l3-struct'; choose one of: l1-struct, l2-struct, l1-unstruct, 2:4, sfp"),
-    (["--method", "2:4", "--sparsity", "0.5"], 2, "--method 2:4 fixes its pattern"),
+    (["--method", "2:4", "--sparsity", "0.5"], 2, "Error: --sparsity does not apply to --method 2:4 (it fixes its "
+     "pattern: 2 of every 4 weights); it is an option of --method l1-struct, l2-struct, l1-unstruct, sfp"),
     (["--method", "sfp", "--sparsity", "0.3"], 2, "it needs --finetune-epochs >= 1"),
-    (["--method", "l1-unstruct", "--target-macs", "0.5"], 2, "--target-macs applies to structured pruning"),
+    (["--method", "l1-unstruct", "--target-macs", "0.5"], 2, "Error: --target-macs does not apply to --method "
+     "l1-unstruct (zeroed weights leave the MACs of dense kernels unchanged); it is an option of --method "
+     "l1-struct, l2-struct, sfp"),
+    (["--method", "sfp", "--sparsity", "0.3", "--iterative", "--finetune-epochs", "1"], 2,
+     "Error: --iterative does not apply to --method sfp (it already prunes gradually, during fine-tuning); it is "
+     "an option of --method l1-struct, l2-struct, l1-unstruct"),
+    # Options that depend on another are refused without it, before any work (issue 19).
+    (["--sparsity", "0.3", "--alpha", "0.3"], 2, "Error: --alpha does not apply without --teacher; it is an option "
+     "of --teacher (distillation during fine-tuning)"),
+    (["--sparsity", "0.3", "--temperature", "2"], 2, "Error: --temperature does not apply without --teacher"),
+    (["--sparsity", "0.3", "--analyze-images", "50"], 2, "Error: --analyze-images does not apply without "
+     "--analyze; it is an option of --analyze"),
+    (["--sparsity", "0.3", "--analyze-ratios", "0.5"], 2, "Error: --analyze-ratios does not apply without "
+     "--analyze"),
+    (["--sparsity", "0.3", "--lr", "0.1"], 2, "Error: --lr does not apply without --finetune-epochs (nothing is "
+     "trained); it is an option of the fine-tuning"),
     (["--layer-ratios", "0.1,0.2", "--sparsity", "0.5"], 2, "cannot be combined with --sparsity"),
     ([], 2, "--method l1-struct needs --sparsity, --target-macs or --layer-ratios"),
 ])
@@ -247,6 +263,27 @@ def test_bad_options_fail_with_one_line(cli, trained_pt: Path, cifar_small: Path
     assert r.code == code and message in r.stderr, r.stderr
     assert r.stderr.startswith("Error: ") and "Traceback" not in r.stderr
     assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("extra", [["--global"], ["--iterative"], ["--teacher", "t.pt"], ["--finetune-epochs", "3"],
+                                   ["-o", "x.pt"], ["--layer-ratios", "0.5"], ["--data-path", "pil"],
+                                   ["--device", "cpu"], ["--lr", "0.1"]])
+def test_analyze_refuses_what_only_pruning_reads(cli, trained_pt: Path, cifar_small: Path, workdir: Path,
+                                                 extra: list[str]) -> None:
+    """--analyze writes no model and trains nothing (issue 19: it took all of these and ignored them)."""
+    r = cli("prune", trained_pt, "--analyze", "--sparsity", "0.3", "--data", cifar_small, *extra)
+    flag = "--output" if extra[0] == "-o" else extra[0]
+    assert r.code == 2, r.stderr
+    assert r.stderr.splitlines()[0] == f"Error: {flag} does not apply to --analyze, which measures and writes no " \
+                                       f"model; it is an option of prune without --analyze"
+    assert r.stdout == "" and not list(workdir.iterdir())
+
+
+def test_analyze_ranks_only_by_channel_norms(cli, trained_pt: Path, cifar_small: Path) -> None:
+    r = cli("prune", trained_pt, "--analyze", "--method", "sfp", "--sparsity", "0.3", "--data", cifar_small)
+    assert r.code == 2
+    assert r.stderr.splitlines()[0] == "Error: --method sfp does not apply to --analyze; it is an option of prune " \
+                                       "without --analyze (--analyze ranks channels as --method l1-struct, l2-struct)"
 
 
 def test_layer_ratio_count_must_fit_the_model(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:

@@ -102,3 +102,22 @@ def test_analyze_proposes_ratios_that_reach_the_target(cli, trained_pt: Path, ci
     assert 1 - conv_out_channels(model) / base == pytest.approx(p["channel_sparsity"], abs=1e-4)
     assert count_macs(model, 32) == p["macs"]
     assert not list(workdir.iterdir())  # --analyze writes nothing
+
+
+def test_analyze_proposal_keeps_round_to(cli, trained_pt: Path, cifar_small: Path) -> None:
+    """--round-to reaches the proposal (issue 19: it was accepted and ignored): the proposed ratios, pruned with
+    --round-to 8, leave every conv a multiple of 8 channels wide and the MACs the proposal reports."""
+    from resopt.models import model_widths
+
+    r = cli("prune", trained_pt, "--analyze", "--data", cifar_small, "--analyze-ratios", "0.5,0.75",
+            "--analyze-images", "50", "--sparsity", "0.3", "--round-to", "8", "--json")
+    assert r.code == 0, r.stderr
+    p = r.json()["proposal"]
+    assert p["round_to"] == 8 and "--round-to 8" in r.stderr
+    model = model_from_checkpoint(load_checkpoint(trained_pt))
+    groups = channel_groups(model, 32)
+    prune_once(model, StructuredPlan(round_to=8, group_ratios=resolve_layer_ratios(model, groups,
+                                                                                   p["layer_ratios"])), groups, 32)
+    convs = [w for w in model_widths(model).values() if len(w) == 3]
+    assert convs and all(w[1] % 8 == 0 for w in convs), convs
+    assert count_macs(model, 32) == p["macs"]

@@ -13,7 +13,17 @@ from resopt.errors import UsageError
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--calib-method", "entropy", "--mode", "fp16"],
-     "Error: --calib-method does not apply to --mode fp16; it is an option of --mode int8, qat"),
+     "Error: --calib-method does not apply to --mode fp16; it is an option of --mode int8"),
+    # QAT's fake-quant layers observe min/max ranges, and its ONNX is calibrated to match.
+    (["--calib-method", "entropy", "--mode", "qat", "--data", "x"],
+     "Error: --calib-method does not apply to --mode qat; it is an option of --mode int8"),
+    # No calibration, verified on --data: the calibration set is never read.
+    (["--mode", "fp16", "--data", "x", "--calib-data", "/does/not/exist", "--num-calib", "7"],
+     "Error: --calib-data has no effect: --mode fp16 does not calibrate, and with --data it is verified on the "
+     "--data test split; it is an option of --mode int8, qat, fixed (and of every mode without --data)"),
+    (["--mode", "kmeans", "--data", "x", "--num-calib", "7"],
+     "Error: --num-calib has no effect: --mode kmeans does not calibrate, and with --data it is verified on the "
+     "--data test split; it is an option of --mode int8, qat, fixed (and of every mode without --data)"),
     (["--clusters", "16", "--mode", "int8"],
      "Error: --clusters does not apply to --mode int8; it is an option of --mode kmeans"),
     (["--epochs", "3", "--mode", "int8"],
@@ -23,7 +33,7 @@ from resopt.errors import UsageError
     (["--mode", "fp16", "--per-tensor"],
      "Error: --per-tensor does not apply to --mode fp16; it is an option of --mode int8, int8-dynamic, qat"),
     (["--mode", "fixed", "--calib-method", "minmax", "--act-bits", "8"],  # fixed calibrates, but always minmax
-     "Error: --calib-method does not apply to --mode fixed; it is an option of --mode int8, qat"),
+     "Error: --calib-method does not apply to --mode fixed; it is an option of --mode int8"),
     # Typed by the user counts even when it is the default value.
     (["--mode", "fp16", "--target", "cpu"], "Error: --target does not apply to --mode fp16; it is an option of "
                                             "--mode int8, qat"),
@@ -74,3 +84,16 @@ def test_the_registry_matches_the_command() -> None:
         "--clusters", "--bits", "--act-bits", "--epochs", "--lr", "--batch-size", "--amp", "--device",
         "--data-path"}
     assert {m for m, e in MODES.items() if e.calibrates.__name__ == "_always"} == {"int8", "qat"}
+
+
+def test_target_trt_never_depends_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a host without VNNI --target cpu gets 7-bit weights by default; --target trt never does (issue 19: the
+    same command wrote a different TensorRT file on another laptop). An explicit choice wins for both."""
+    import resopt.quantize.ort as ort
+    from resopt.quantize import QuantizeConfig
+
+    for host_lacks_vnni in (True, False):
+        monkeypatch.setattr(ort, "default_reduce_range", lambda v=host_lacks_vnni: v)
+        assert QuantizeConfig(target="cpu").weights_reduce_range() is host_lacks_vnni
+        assert QuantizeConfig(target="trt").weights_reduce_range() is False
+        assert QuantizeConfig(target="trt", reduce_range=True).weights_reduce_range() is True

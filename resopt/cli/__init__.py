@@ -80,27 +80,28 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise Terminated()
 
 
-def _click_exceptions() -> Any:
-    """Click's exception classes: Typer >= 0.2x vendors Click as ``typer._click`` (click is then absent)."""
-    try:
-        from typer._click import exceptions
-    except ImportError:
-        from click import exceptions  # type: ignore[no-redef]
-    return exceptions
+def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
+    """Click's ``(ClickException, UsageError)`` through Typer's public API: ``typer.BadParameter`` is Click's
+    ``BadParameter``, a ``UsageError`` and a ``ClickException``, so its bases are the classes to catch. Typer
+    >= 0.26 vendors Click privately (``typer._click``, unsupported for outside use); an older Typer re-exports
+    the ``click`` package's own classes: the same lookup finds either."""
+    bases = {c.__name__: c for c in typer.BadParameter.__mro__}
+    return bases["ClickException"], bases["UsageError"]
 
 
 def _usage_error(e: Exception) -> int:
     """Click's usage errors as our one line first (Click prints usage lines before ``Error:``)."""
-    cx = _click_exceptions()
-    if isinstance(e, cx.NoArgsIsHelpError):
-        sys.stderr.write(e.ctx.get_help() + "\n" if e.ctx else str(e))
+    click_exception, usage_error = _click_exceptions()
+    ctx: Any = getattr(e, "ctx", None)
+    if any(c.__name__ == "NoArgsIsHelpError" for c in type(e).__mro__):  # Click >= 8.2: no public name for it
+        sys.stderr.write(ctx.get_help() + "\n" if ctx else str(e))
         return 2
-    assert isinstance(e, cx.ClickException)
-    sys.stderr.write(f"Error: {e.format_message()}\n")
-    if isinstance(e, cx.UsageError):
-        cmd = e.ctx.command_path if e.ctx else "resopt"
+    assert isinstance(e, click_exception)
+    sys.stderr.write(f"Error: {e.format_message()}\n")  # type: ignore[attr-defined]
+    if isinstance(e, usage_error):
+        cmd = ctx.command_path if ctx else "resopt"
         sys.stderr.write(f"Hint: {cmd} --help\n")
-    return e.exit_code
+    return int(e.exit_code)  # type: ignore[attr-defined]
 
 
 def run(argv: list[str] | None = None) -> int:
@@ -108,7 +109,7 @@ def run(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
-    cx = _click_exceptions()
+    click_exception, _ = _click_exceptions()
     debug = os.environ.get("RESOPT_DEBUG", "") not in ("", "0")
     previous = None
     if threading.current_thread() is threading.main_thread():
@@ -118,7 +119,7 @@ def run(argv: list[str] | None = None) -> int:
         return code if isinstance(code, int) else 0
     except SystemExit as e:
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    except cx.ClickException as e:
+    except click_exception as e:
         return _usage_error(e)
     except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("Error: interrupted; no partial file was left\n")

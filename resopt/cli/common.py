@@ -85,6 +85,20 @@ def split_rows(d: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+def given_flags(ctx: typer.Context) -> list[str]:
+    """The flags the user typed (an explicit default counts: ``--target cpu --mode fp16`` is refused too), each
+    by its long name. The parameter source is compared by name: typer ships its own copy of click's
+    ``ParameterSource``."""
+    typed = []
+    for p in ctx.command.params:
+        if p.param_type_name != "option":  # arguments are always given
+            continue
+        source = ctx.get_parameter_source(p.name) if p.name else None
+        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
+            typed.append(next((o for o in p.opts if o.startswith("--")), p.opts[0]))
+    return typed
+
+
 def default_output(model: Path, suffix: str) -> Path:
     """``r20.pt`` + ``.onnx`` -> ``r20.onnx``; ``r20.onnx`` + ``.int8.onnx`` -> ``r20.int8.onnx``."""
     return model.with_name(model.name[: -len(model.suffix)] + suffix)
@@ -121,6 +135,18 @@ TimeBudgetOpt = Annotated[float | None, typer.Option(
     "--time-budget", help="Seconds of training: after the first epoch, plan as many epochs as fit (at most "
     "--epochs; the cosine schedule ends there), and stop after any epoch that ends past the budget.",
     show_default=False)]
+
+
+def train_config(values: dict[str, Any], **overrides: Any) -> Any:
+    """The one ``TrainConfig`` builder of the commands that train (train, distill, prune's fine-tuning): every
+    field from the command's parameter of the same name (pass ``locals()``), then ``overrides``. A trainer
+    option added to ``TrainConfig`` and declared on a command reaches it without another hand-written copy."""
+    from dataclasses import fields
+
+    from resopt.train import TrainConfig
+
+    given = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
+    return TrainConfig(**{**given, **overrides})
 
 
 # ------------------------------------------------------------------------------------- option ranges

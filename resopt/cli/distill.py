@@ -25,6 +25,7 @@ from resopt.cli.common import (
     ResumeOpt,
     SeedOpt,
     SelectOpt,
+    TimeBudgetOpt,
     ValSplitOpt,
     WarmupOpt,
     WeightDecayOpt,
@@ -34,6 +35,7 @@ from resopt.cli.common import (
     human_count,
     kv_table,
     split_rows,
+    train_config,
 )
 
 
@@ -69,6 +71,7 @@ def distill_cmd(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     data_path: DataPathOpt = "auto",
+    time_budget: TimeBudgetOpt = None,
     resume: ResumeOpt = False,
     json_: JsonOpt = False,
 ) -> None:
@@ -84,7 +87,7 @@ def distill_cmd(
     check_options(locals())
     from resopt.distill import DistillConfig, distill_model
     from resopt.errors import UsageError
-    from resopt.train import DataOptions, TrainConfig
+    from resopt.train import DataOptions
 
     if data is None:
         from resopt.calib import data_from_checkpoint
@@ -93,10 +96,7 @@ def distill_cmd(
     if data is None:
         raise UsageError("distill needs --data (the images the teacher was trained on)",
                          hint="resopt distill --teacher r56.pt --student resnet20 --data cifar10 -o r20.kd.pt")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                      nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                      label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
-                      device=device, workers=workers, select=select)
+    cfg = train_config(locals())
     result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg,
                            DistillConfig(alpha=alpha, temperature=temperature), output, width=width, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)

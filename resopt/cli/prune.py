@@ -29,12 +29,15 @@ from resopt.cli.common import (
     check_options,
     default_output,
     emit,
+    given_flags,
     human_bytes,
     human_count,
+    train_config,
 )
 
 
 def prune_cmd(
+    ctx: typer.Context,
     model: Annotated[Path, typer.Argument(help="Checkpoint to prune (.pt from train, distill or prune).",
                                           show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="Pruned checkpoint to write "
@@ -109,7 +112,12 @@ def prune_cmd(
     """
     check_options(locals())
     from resopt.errors import UsageError
-    from resopt.train import DataOptions, TrainConfig
+    from resopt.prune import check_flags_apply
+    from resopt.train import DataOptions
+
+    # An option that would have no effect is an error, not ignored.
+    check_flags_apply(method, given_flags(ctx), analyze=analyze, finetune=finetune_epochs > 0,
+                      teacher=teacher is not None)
 
     if data is None:
         from resopt.calib import data_from_checkpoint
@@ -128,7 +136,7 @@ def prune_cmd(
             raise UsageError(f"--analyze-ratios {analyze_ratios!r} is not a comma-separated list of numbers") \
                 from None
         report = analyze_checkpoint(model, data=data_opts, method=method, ratios=ratios, sparsity=sparsity,
-                                    target_macs=target_macs, max_images=analyze_images)
+                                    target_macs=target_macs, round_to=round_to, max_images=analyze_images)
         emit(report.to_dict(), json_out=json_, render=_render_analysis)
         return
 
@@ -137,11 +145,7 @@ def prune_cmd(
     cfg = PruneConfig(method=method, sparsity=sparsity, target_macs=target_macs, global_=global_,
                       iterative=iterative, steps=steps, round_to=round_to, layer_ratios=layer_ratios,
                       finetune_epochs=finetune_epochs, teacher=teacher, alpha=alpha, temperature=temperature)
-    train = TrainConfig(epochs=max(1, finetune_epochs), batch_size=batch_size, lr=lr, optimizer=optimizer,
-                        momentum=momentum, nesterov=nesterov, weight_decay=weight_decay,
-                        warmup_epochs=warmup_epochs, label_smoothing=label_smoothing, amp=amp,
-                        channels_last=channels_last, seed=seed, device=device, workers=workers,
-                        select=select)
+    train = train_config(locals(), epochs=max(1, finetune_epochs))
     result = prune_checkpoint(model, cfg, data=data_opts, train=train,
                               output=output or default_output(model, ".pruned.pt"))
     emit(result.summary(), json_out=json_, render=_render)
@@ -221,6 +225,7 @@ def _render_analysis(d: dict[str, Any]) -> Any:
                           f"removed, {proposal['macs_fraction']:.3f} of the MACs, top-1 {proposal['top1']:.2f}% "
                           f"before fine-tuning"))
         # Folded, not cropped, at the terminal width; the library also logs it unbroken on stderr.
-        parts.append(Text(f"--layer-ratios {proposal['layer_ratios']}", overflow="fold"))
+        round_to = f" --round-to {proposal['round_to']}" if proposal.get("round_to") else ""
+        parts.append(Text(f"--layer-ratios {proposal['layer_ratios']}{round_to}", overflow="fold"))
     return Group(*parts)
 

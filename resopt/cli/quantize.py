@@ -7,7 +7,17 @@ from typing import Annotated, Any
 
 import typer
 
-from resopt.cli.common import DataOpt, JsonOpt, LimitOpt, SeedOpt, check_options, default_output, emit, human_bytes
+from resopt.cli.common import (
+    DataOpt,
+    JsonOpt,
+    LimitOpt,
+    SeedOpt,
+    check_options,
+    default_output,
+    emit,
+    given_flags,
+    human_bytes,
+)
 
 
 def quantize_cmd(
@@ -33,7 +43,8 @@ def quantize_cmd(
     per_tensor: Annotated[bool, typer.Option("--per-tensor", help="One scale per weight tensor instead of "
                                              "one per output channel.")] = False,
     reduce_range: Annotated[bool | None, typer.Option("--reduce-range/--no-reduce-range", help="7-bit weights "
-                                                      "[default: only on x86 CPUs without VNNI].",
+                                                      "[default: only for --target cpu on x86 CPUs without "
+                                                      "VNNI].",
                                                       show_default=False)] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Keep this node in FP32 (repeat, or "
                                                       "comma-separate).", show_default=False)] = None,
@@ -91,26 +102,15 @@ def quantize_cmd(
     from resopt.quantize import QuantizeConfig, check_options_apply, get_mode, quantize_model
 
     entry = get_mode(mode)
-    check_options_apply(mode, _given(ctx))  # an option the mode does not use is an error, not ignored
     cfg = QuantizeConfig(mode=mode, target=target, calib_data=calib_data, num_calib=num_calib,
                          calib_method=calib_method, per_channel=not per_tensor, reduce_range=reduce_range,
                          seed=seed, data=data, limit_per_class=limit_per_class, min_agreement=min_agreement,
                          exclude=_split(exclude), save_calib=save_calib, max_drop=max_drop,
                          max_exclude=max_exclude, options=entry.options(**{f.name: values[f.name]
                                                                           for f in fields(entry.options)}))
+    check_options_apply(cfg, given_flags(ctx))  # an option the mode does not use is an error, not ignored
     result = quantize_model(model, output or default_output(model, f".{mode}.onnx"), cfg)
     emit(result.summary(), json_out=json_, render=_render)
-
-
-def _given(ctx: typer.Context) -> list[str]:
-    """The flags the user typed (an explicit default counts: ``--target cpu --mode fp16`` is refused too). The
-    parameter source is compared by name: typer ships its own copy of click's ``ParameterSource``."""
-    typed = []
-    for p in ctx.command.params:
-        source = ctx.get_parameter_source(p.name) if p.name else None
-        if source is not None and source.name not in ("DEFAULT", "DEFAULT_MAP"):
-            typed.append(next((o for o in p.opts if o.startswith("--")), p.opts[0]))
-    return typed
 
 
 def _split(values: list[str] | None) -> tuple[str, ...]:

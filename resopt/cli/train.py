@@ -35,6 +35,7 @@ from resopt.cli.common import (
     human_count,
     kv_table,
     split_rows,
+    train_config,
 )
 
 
@@ -76,15 +77,12 @@ def train_cmd(
     """
     check_options(locals())
     from resopt.errors import UsageError
-    from resopt.train import DataOptions, TrainConfig, train_model
+    from resopt.train import DataOptions, train_model
 
     if data is None:
         raise UsageError("train needs --data (a folder with train/ and test/, or cifar10/cifar100)",
                          hint="resopt train --arch resnet20 --data examples/cifar10-mini -o r20.pt")
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, momentum=momentum,
-                      nesterov=nesterov, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-                      label_smoothing=label_smoothing, amp=amp, channels_last=channels_last, seed=seed,
-                      device=device, workers=workers, time_budget=time_budget, select=select)
+    cfg = train_config(locals())
     result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg, output, width=width,
                          pretrained=pretrained, input_size=input_size, resume=resume)
     emit(result.summary(), json_out=json_, render=_render)

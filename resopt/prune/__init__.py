@@ -19,13 +19,22 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resopt.console import log
-from resopt.errors import UsageError, VerificationError, choice_error
-from resopt.prune.methods import RUNNERS, Work
+from resopt.errors import UsageError, VerificationError
+from resopt.prune.methods import (
+    METHOD_FIELDS,
+    METHOD_TABLE,
+    RUNNERS,
+    Method,
+    Work,
+    check_flags_apply,
+    check_method_flags,
+    get_method,
+)
 
 if TYPE_CHECKING:
     from torch import nn
@@ -33,9 +42,12 @@ if TYPE_CHECKING:
     from resopt.prune.sensitivity import SensitivityReport
     from resopt.train import DataOptions, FitResult, TrainConfig
 
-METHODS = ("l1-struct", "l2-struct", "l1-unstruct", "2:4", "sfp")
-STRUCTURED = ("l1-struct", "l2-struct", "sfp")
+METHODS = tuple(METHOD_TABLE)
+STRUCTURED = tuple(name for name, m in METHOD_TABLE.items() if m.structured)
 DEFAULT_STEPS = 5
+
+__all__ = ["METHODS", "METHOD_TABLE", "STRUCTURED", "Method", "PruneConfig", "PruneResult", "analyze_checkpoint",
+           "check_flags_apply", "get_method", "prune_checkpoint"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +69,17 @@ class PruneConfig:
     def n_steps(self) -> int:
         return (self.steps or DEFAULT_STEPS) if self.iterative else 1
 
+    def method_flags_given(self) -> list[str]:
+        """The method-specific flags set away from their defaults (for a library caller, "given" means "not the
+        default"; the CLI asks click which options the user typed)."""
+        defaults = {f.name: f.default for f in fields(PruneConfig)}
+        return [flag for name, flag in METHOD_FIELDS.items() if getattr(self, name) != defaults[name]]
+
     def validate(self) -> None:
-        m = self.method
-        if m not in METHODS:
-            raise choice_error("pruning method", m, METHODS)
+        entry = get_method(self.method)
+        given = self.method_flags_given()
+        check_method_flags(self.method, given)
+        entry.check_amount(given)
         if self.sparsity is not None and self.target_macs is not None:
             raise UsageError("--sparsity and --target-macs are alternatives; give one of them")
         if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
@@ -77,36 +96,12 @@ class PruneConfig:
             raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
-        value: object  # the option values checked below have different types
         if self.layer_ratios is not None:
-            for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
-                                ("--global", self.global_ or None)):
-                if value is not None:
+            for flag in ("--sparsity", "--target-macs", "--global"):
+                if flag in given:
                     raise UsageError(f"--layer-ratios sets every layer's ratio; it cannot be combined with {flag}")
-        if m == "2:4":
-            for flag, value in (("--sparsity", self.sparsity), ("--target-macs", self.target_macs),
-                                ("--global", self.global_ or None), ("--iterative", self.iterative or None),
-                                ("--round-to", self.round_to), ("--layer-ratios", self.layer_ratios)):
-                if value is not None:
-                    raise UsageError(f"--method 2:4 fixes its pattern (2 of every 4 weights); it takes no {flag}")
-        elif m == "l1-unstruct":
-            for flag, value in (("--target-macs", self.target_macs), ("--round-to", self.round_to),
-                                ("--layer-ratios", self.layer_ratios)):
-                if value is not None:
-                    raise UsageError(f"{flag} applies to structured pruning (l1-struct, l2-struct, sfp), "
-                                     f"not to --method l1-unstruct",
-                                     hint="zeroed weights leave the MACs of dense kernels unchanged")
-            if self.sparsity is None:
-                raise UsageError("--method l1-unstruct needs --sparsity (the fraction of weights to zero)")
-        else:
-            if self.sparsity is None and self.target_macs is None and self.layer_ratios is None:
-                raise UsageError(f"--method {m} needs --sparsity, --target-macs or --layer-ratios",
-                                 hint="e.g. --sparsity 0.5 removes half the channels of every layer")
-            if m == "sfp":
-                if self.iterative:
-                    raise UsageError("--method sfp already prunes gradually during fine-tuning; drop --iterative")
-                if self.finetune_epochs < 1:
-                    raise UsageError("--method sfp prunes while fine-tuning; it needs --finetune-epochs >= 1")
+        if entry.needs_finetune and self.finetune_epochs < 1:
+            raise UsageError(f"--method {self.method} prunes while fine-tuning; it needs --finetune-epochs >= 1")
         if self.teacher is not None and self.finetune_epochs < 1:
             raise UsageError("--teacher distils during fine-tuning; add --finetune-epochs")
 
@@ -258,7 +253,8 @@ def prune_checkpoint(
     model_path = Path(model_path)
     output = check_output_path(Path(output), model_path, data.data, cfg.teacher, suffixes=(".pt", ".pth"))
     model, ckpt = _load_parent(model_path)
-    if cfg.round_to and cfg.method in STRUCTURED:
+    method = METHOD_TABLE[cfg.method]
+    if cfg.round_to and method.structured:
         widest = max((w[1] for w in model_widths(model).values() if len(w) == 3), default=0)
         if cfg.round_to >= widest:
             raise UsageError(f"--round-to {cfg.round_to} is not below the widest conv of {model_path.name} "
@@ -299,9 +295,9 @@ def prune_checkpoint(
     RUNNERS[cfg.method](work)
 
     model.eval()
-    if cfg.method in STRUCTURED and not cfg.round_to:
+    if method.structured and not cfg.round_to:
         work.notes += _alignment_note(parent_widths, model_widths(model))
-    after_top1 = top1(model) if work.fits or cfg.method == "sfp" else work.top1_pruned
+    after_top1 = top1(model) if work.fits or method.needs_finetune else work.top1_pruned
     test = measure_test(model, prepared, ft_cfg, what=f"pruned {output.name}")
     channel_sparsity = 1.0 - conv_out_channels(model) / parent_channels
     result = PruneResult(output=output, parent=model_path, method=cfg.method,
@@ -344,7 +340,7 @@ def prune_checkpoint(
         with atomic_output(output) as tmp:
             torch.save(out_ckpt, tmp)
             result.after = replace(result.after, file_bytes=tmp.stat().st_size)
-            if cfg.method in STRUCTURED and result.after.file_bytes >= before.file_bytes:
+            if method.structured and result.after.file_bytes >= before.file_bytes:
                 raise VerificationError(f"the pruned checkpoint ({result.after.file_bytes} bytes) is not smaller "
                                         f"than its parent ({before.file_bytes} bytes)")
     r = result.reported()
@@ -373,7 +369,7 @@ def _alignment_note(parent: dict[str, list[int]], child: dict[str, list[int]]) -
 
 def _check_shrunk(result: PruneResult) -> None:
     b, a = result.before, result.after
-    if result.method in STRUCTURED:
+    if METHOD_TABLE[result.method].structured:
         if not (a.params < b.params and a.macs < b.macs):
             raise UsageError(f"structured pruning removed nothing (params {b.params} -> {a.params}, MACs "
                                     f"{b.macs} -> {a.macs})",
@@ -393,6 +389,7 @@ def analyze_checkpoint(
     ratios: tuple[float, ...] = (0.25, 0.5, 0.75),
     sparsity: float | None = None,
     target_macs: float | None = None,
+    round_to: int | None = None,
     max_images: int = 2000,
 ) -> SensitivityReport:
     """Per-layer sensitivity of a checkpoint on its validation images, and a ratio proposal for a target."""
@@ -402,8 +399,12 @@ def analyze_checkpoint(
     from resopt.prune.sensitivity import analyze_sensitivity
     from resopt.prune.structured import channel_groups
 
-    if method not in ("l1-struct", "l2-struct"):
-        raise UsageError(f"--analyze ranks channels by l1-struct or l2-struct norms, not {method!r}")
+    entry = get_method(method)
+    if not entry.analyzes:
+        names = " or ".join(n for n, m in METHOD_TABLE.items() if m.analyzes)
+        raise UsageError(f"--analyze ranks channels by {names} norms, not {method!r}")
+    if round_to is not None and round_to < 1:
+        raise UsageError(f"--round-to must be at least 1, got {round_to}")
     if sparsity is not None and target_macs is not None:
         raise UsageError("--sparsity and --target-macs are alternatives; give one of them")
     for flag, v in (("--sparsity", sparsity), ("--target-macs", target_macs)):
@@ -426,9 +427,9 @@ def analyze_checkpoint(
         f"{len(labels)} val images ({prepared.val_split.describe(len(prepared.val))})")  # type: ignore[arg-type]
     target = int(target_macs * count_macs(model, size)) if target_macs is not None else None
     report = analyze_sensitivity(model, groups, images, labels, input_size=size, ratios=tuple(sorted(ratios)),
-                                 p=1 if method == "l1-struct" else 2, target_sparsity=sparsity, target_macs=target)
+                                 p=entry.norm, target_sparsity=sparsity, target_macs=target, round_to=round_to)
     if report.proposal is not None and report.proposal.layer_ratios():
         log(f"proposed: resopt prune {model_path} --method {method} --layer-ratios "
-            f"{report.proposal.layer_ratios()} --data {data.data} ...")
+            f"{report.proposal.layer_ratios()}{f' --round-to {round_to}' if round_to else ''} --data {data.data} ...")
     return report
 

@@ -1,11 +1,15 @@
-"""The pruning methods, one runner each, listed in ``RUNNERS`` (method -> runner): a runner prunes
-``work.model`` in place as ``work.cfg`` says, fine-tunes it through ``work.finetuned`` and records its steps and
-notes in ``work``. ``prune_checkpoint`` prepares the ``Work`` and writes the result."""
+"""The pruning methods, one record each in ``METHOD_TABLE`` (name -> ``Method``: its runner, the method-specific
+options it takes, what it needs): a runner prunes ``work.model`` in place as ``work.cfg`` says, fine-tunes it
+through ``work.finetuned`` and records its steps and notes in ``work``. ``prune_checkpoint`` prepares the
+``Work`` and writes the result. The option checks (``check_flags_apply``, ``PruneConfig.validate``), the CLI
+help and the tests read the table; nothing else lists the methods.
+
+To add a method: a runner here and a ``Method`` in ``METHOD_TABLE``."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -55,7 +59,7 @@ def plan_structured(work: Work) -> tuple[Any, list[Any]]:
 
     cfg, model = work.cfg, work.model
     groups = channel_groups(model, work.input_size)
-    plan = StructuredPlan(p=2 if cfg.method in ("l2-struct", "sfp") else 1, ratio=cfg.sparsity or 0.0,
+    plan = StructuredPlan(p=METHOD_TABLE[cfg.method].norm, ratio=cfg.sparsity or 0.0,
                           global_=cfg.global_, round_to=cfg.round_to,
                           group_ratios=resolve_layer_ratios(model, groups, cfg.layer_ratios)
                           if cfg.layer_ratios else {})
@@ -163,7 +167,115 @@ def run_24(work: Work) -> None:
     work.notes.append(NM_NOTE + DENSE_NOTE)
 
 
-RUNNERS: dict[str, Callable[[Work], None]] = {
-    "l1-struct": run_structured, "l2-struct": run_structured, "l1-unstruct": run_unstructured, "2:4": run_24,
-    "sfp": run_sfp,
-}
+# The options only some methods take: PruneConfig field -> flag. Every other option of `prune` applies to every
+# method (the fine-tuning, data and output options).
+METHOD_FIELDS = {"sparsity": "--sparsity", "target_macs": "--target-macs", "global_": "--global",
+                 "iterative": "--iterative", "steps": "--steps", "round_to": "--round-to",
+                 "layer_ratios": "--layer-ratios"}
+
+
+@dataclass(frozen=True)
+class Method:
+    """One pruning method."""
+
+    name: str
+    run: Callable[[Work], None]
+    takes: tuple[str, ...]  # the flags of METHOD_FIELDS it takes
+    amount: tuple[str, ...] = ()  # it needs one of these flags (how much to prune); () when fixed
+    structured: bool = False  # removes whole channels: params, MACs and the file shrink
+    norm: int = 1  # the channel (or weight) norm it ranks by
+    needs_finetune: bool = False  # it prunes while fine-tuning
+    analyzes: bool = False  # --analyze can rank channels as it does
+    why_not: str = ""  # appended to the refusal of a flag it does not take
+
+    def check_amount(self, given: Iterable[str]) -> None:
+        if self.amount and not set(self.amount) & set(given):
+            names = ", ".join(self.amount[:-1]) + (" or " if len(self.amount) > 1 else "") + self.amount[-1]
+            raise UsageError(f"--method {self.name} needs {names}",
+                             hint=f"e.g. {self.amount[0]} 0.5" if self.amount[0] == "--sparsity" else None)
+
+
+_STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios")
+_STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios")
+
+METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
+    Method("l1-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
+           norm=1, analyzes=True),
+    Method("l2-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
+           norm=2, analyzes=True),
+    Method("l1-unstruct", run_unstructured, ("--sparsity", "--global", "--iterative", "--steps"), ("--sparsity",),
+           norm=1, why_not="zeroed weights leave the MACs of dense kernels unchanged"),
+    Method("2:4", run_24, (), why_not="it fixes its pattern: 2 of every 4 weights"),
+    Method("sfp", run_sfp, _STRUCT, _STRUCT_AMOUNT, structured=True, norm=2, needs_finetune=True,
+           why_not="it already prunes gradually, during fine-tuning"),
+)}
+
+RUNNERS: dict[str, Callable[[Work], None]] = {name: m.run for name, m in METHOD_TABLE.items()}
+
+# --analyze measures and proposes; it writes no model, so it takes only these of prune's options.
+ANALYZE_TAKES = ("--method", "--sparsity", "--target-macs", "--round-to", "--analyze", "--analyze-ratios",
+                 "--analyze-images", "--data", "--limit-per-class", "--val-split", "--seed", "--json", "--help")
+ANALYZE_ONLY = ("--analyze-ratios", "--analyze-images")
+TEACHER_ONLY = ("--alpha", "--temperature")
+# What only the fine-tuning reads (the training split, the optimizer): nothing without --finetune-epochs.
+FIT_ONLY = ("--lr", "--teacher", "--optimizer", "--momentum", "--nesterov", "--weight-decay", "--warmup-epochs",
+            "--label-smoothing", "--data-path")
+
+
+def method_users() -> dict[str, list[str]]:
+    """Every method-specific flag -> the methods that take it, in table order."""
+    users: dict[str, list[str]] = {flag: [] for flag in METHOD_FIELDS.values()}
+    for m in METHOD_TABLE.values():
+        for flag in m.takes:
+            users[flag].append(m.name)
+    return users
+
+
+def get_method(name: str) -> Method:
+    from resopt.errors import choice_error
+
+    if name not in METHOD_TABLE:
+        raise choice_error("pruning method", name, tuple(METHOD_TABLE))
+    return METHOD_TABLE[name]
+
+
+def check_method_flags(method: str, given: Iterable[str]) -> None:
+    """A ``UsageError`` (exit 2) for the first given method-specific flag ``method`` does not take, naming the
+    methods that take it."""
+    entry = get_method(method)
+    users = method_users()
+    for flag in given:
+        if flag in users and flag not in entry.takes:
+            why = f" ({entry.why_not})" if entry.why_not else ""
+            raise UsageError(f"{flag} does not apply to --method {method}{why}; it is an option of --method "
+                             f"{', '.join(users[flag])}", hint=f"drop {flag}")
+
+
+def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finetune: bool, teacher: bool) -> None:
+    """Every flag the user typed (``given``) must take effect: a ``UsageError`` (exit 2) naming who takes the
+    first one that would not, for ``--analyze``, for the method, and for the options that depend on another
+    (``--alpha`` on ``--teacher``, the optimizer on ``--finetune-epochs``, ``--analyze-ratios`` on
+    ``--analyze``)."""
+    given = list(given)
+    if analyze:
+        for flag in given:
+            if flag not in ANALYZE_TAKES:
+                raise UsageError(f"{flag} does not apply to --analyze, which measures and writes no model; it is "
+                                 f"an option of prune without --analyze", hint=f"drop {flag}")
+        entry = get_method(method)
+        if not entry.analyzes:
+            raise UsageError(f"--method {method} does not apply to --analyze; it is an option of prune without "
+                             f"--analyze (--analyze ranks channels as --method "
+                             f"{', '.join(n for n, m in METHOD_TABLE.items() if m.analyzes)})")
+        return
+    for flag in given:
+        if flag in ANALYZE_ONLY:
+            raise UsageError(f"{flag} does not apply without --analyze; it is an option of --analyze",
+                             hint=f"add --analyze, or drop {flag}")
+        if flag in TEACHER_ONLY and not teacher:
+            raise UsageError(f"{flag} does not apply without --teacher; it is an option of --teacher (distillation "
+                             f"during fine-tuning)", hint=f"add --teacher T.pt, or drop {flag}")
+        if flag in FIT_ONLY and not finetune:
+            raise UsageError(f"{flag} does not apply without --finetune-epochs (nothing is trained); it is an "
+                             f"option of the fine-tuning", hint=f"add --finetune-epochs 2, or drop {flag}")
+    check_method_flags(method, given)

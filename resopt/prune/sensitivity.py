@@ -35,6 +35,7 @@ class Proposal:
     macs: int
     top1: float  # of the copy pruned with the proposal, not fine-tuned
     reached: bool
+    round_to: int | None = None  # the channel multiple the proposal was measured with (prune --round-to)
 
     def layer_ratios(self) -> str:
         """The proposal as a ``--layer-ratios`` value."""
@@ -63,7 +64,8 @@ class SensitivityReport:
             out["proposal"] = {"ratios": p.ratios, "layer_ratios": p.layer_ratios(),
                                "channel_sparsity": round(p.channel_sparsity, 4), "macs": p.macs,
                                "macs_fraction": round(p.macs / self.baseline_macs, 4),
-                               "top1": round(p.top1, 3), "reached": p.reached}
+                               "top1": round(p.top1, 3), "reached": p.reached,
+                               **({"round_to": p.round_to} if p.round_to else {})}
         return out
 
 
@@ -139,8 +141,10 @@ def _macs_saved(pruner: Any, group: Any, sizes: dict[Any, int]) -> tuple[int, in
 
 def analyze_sensitivity(model: nn.Module, groups: list[ChannelGroup], images: torch.Tensor, labels: torch.Tensor,
                         *, input_size: int, ratios: tuple[float, ...] = (0.25, 0.5, 0.75), p: int = 1,
-                        target_sparsity: float | None = None, target_macs: int | None = None) -> SensitivityReport:
-    """Measure every group's top-1 at ``ratios`` and, given a target, propose per-group ratios.
+                        target_sparsity: float | None = None, target_macs: int | None = None,
+                        round_to: int | None = None) -> SensitivityReport:
+    """Measure every group's top-1 at ``ratios`` and, given a target, propose per-group ratios (measured as
+    ``prune --layer-ratios ... --round-to round_to`` would prune them).
 
     A probe zeroes the group's lowest-norm channels completely (filters, biases and batch-norm scale and
     shift), which makes them exactly zero wherever they flow: the logits are those of the model with the
@@ -184,13 +188,13 @@ def analyze_sensitivity(model: nn.Module, groups: list[ChannelGroup], images: to
     if target_sparsity is not None or target_macs is not None:
         proposal = _propose(model, groups, layers, images, labels, input_size=input_size, p=p,
                             base_top1=base_top1, base_macs=base_macs, base_channels=base_channels,
-                            target_sparsity=target_sparsity, target_macs=target_macs)
+                            target_sparsity=target_sparsity, target_macs=target_macs, round_to=round_to)
     return SensitivityReport(tuple(ratios), base_top1, base_macs, len(labels), layers, proposal)
 
 
 def _propose(model: nn.Module, groups: list[ChannelGroup], layers: list[LayerSensitivity], images: Any,
              labels: Any, *, input_size: int, p: int, base_top1: float, base_macs: int, base_channels: int,
-             target_sparsity: float | None, target_macs: int | None) -> Proposal:
+             target_sparsity: float | None, target_macs: int | None, round_to: int | None) -> Proposal:
     """Greedy: raise the group whose next measured ratio costs the least top-1 per unit saved, until a
     copy pruned with the chosen ratios meets the target (savings are not exactly additive, so the
     estimate only decides when to check)."""
@@ -211,8 +215,9 @@ def _propose(model: nn.Module, groups: list[ChannelGroup], layers: list[LayerSen
 
     def measure() -> tuple[nn.Module, int, float]:
         probe = copy.deepcopy(model)
-        prune_once(probe, StructuredPlan(p=p, group_ratios={s.group.root: steps[level[s.group.root]]
-                                                             for s in layers}), groups, input_size)
+        plan = StructuredPlan(p=p, round_to=round_to,
+                              group_ratios={s.group.root: steps[level[s.group.root]] for s in layers})
+        prune_once(probe, plan, groups, input_size)
         return probe, count_macs(probe, input_size), 1.0 - conv_out_channels(probe) / base_channels
 
     def met(macs: int, sparsity: float) -> bool:
@@ -240,4 +245,4 @@ def _propose(model: nn.Module, groups: list[ChannelGroup], layers: list[LayerSen
             probe, macs, sparsity = measure()
     probe, macs, sparsity = measure()
     ratios = {s.group.name: steps[level[s.group.root]] for s in layers}
-    return Proposal(ratios, sparsity, macs, top1_on(probe, images, labels), met(macs, sparsity))
+    return Proposal(ratios, sparsity, macs, top1_on(probe, images, labels), met(macs, sparsity), round_to)

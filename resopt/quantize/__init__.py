@@ -100,8 +100,7 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
                              hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
     check_outputs(output, cfg, model, given)
     src = open_onnx(model, given)
-    needs_calib = cfg.needs_calibration or cfg.data is None or cfg.save_calib
-    cs = calib_set(cfg, src.classes, src.meta.get("lineage")) if needs_calib else None
+    cs = calib_set(cfg, src.classes, src.meta.get("lineage")) if cfg.reads_calib_set else None
     evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
         if cfg.data is not None else None
     # --max-drop chooses which layers stay FP32: on the validation split the model's lineage records, never test.

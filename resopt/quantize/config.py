@@ -89,7 +89,7 @@ class QuantizeConfig:
     num_calib: int | None = DEFAULT_NUM_CALIB
     calib_method: str = "minmax"
     per_channel: bool = True
-    reduce_range: bool | None = None  # None: only on x86 without VNNI
+    reduce_range: bool | None = None  # None: only for --target cpu on x86 without VNNI
     seed: int = 0
     data: str | None = None  # report top-1/top-5 on its test split and measure agreement there
     limit_per_class: int | None = None
@@ -127,6 +127,28 @@ class QuantizeConfig:
         defaults = {f.name: f.default for f in fields(QuantizeConfig)}
         return [flag for name, flag in SHARED_FIELDS.items() if getattr(self, name) != defaults[name]]
 
+    def calib_options_given(self) -> list[str]:
+        """``--calib-data`` / ``--num-calib`` when set away from their defaults (see ``shared_options_given``)."""
+        return [flag for flag, value, default in (("--calib-data", self.calib_data, None),
+                                                  ("--num-calib", self.num_calib, DEFAULT_NUM_CALIB))
+                if value != default]
+
+    @property
+    def reads_calib_set(self) -> bool:
+        """Whether the calibration set is read at all: to calibrate, to verify on (no ``--data``), to rank
+        layers for the accuracy guard, or to be saved (``--save-calib``)."""
+        return self.needs_calibration or self.data is None or self.max_drop is not None or \
+            self.save_calib is not None
+
+    def weights_reduce_range(self) -> bool:
+        """7-bit weights: as asked, else only for ``--target cpu`` on an x86 host without VNNI. A ``trt``
+        graph never depends on the host that wrote it: TensorRT accumulates INT8 products in int32."""
+        from resopt.quantize.ort import default_reduce_range
+
+        if self.reduce_range is not None:
+            return self.reduce_range
+        return self.target == "cpu" and default_reduce_range()
+
     def validate(self) -> None:
         from resopt.quantize.modes import check_options_apply
 
@@ -135,7 +157,7 @@ class QuantizeConfig:
             raise choice_error("target", self.target, TARGETS)
         if self.calib_method not in CALIB_METHODS:
             raise choice_error("calibration method", self.calib_method, CALIB_METHODS)
-        check_options_apply(self.mode, self.shared_options_given())
+        check_options_apply(self, self.shared_options_given() + self.calib_options_given())
         if not isinstance(self.opts, mode.options):
             raise UsageError(f"--mode {self.mode} takes {mode.options.__name__}, got {type(self.opts).__name__}")
         if self.num_calib is not None and self.num_calib < 1:

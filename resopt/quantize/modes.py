@@ -7,7 +7,8 @@ a ``from_checkpoint`` function; an options dataclass in ``config.py`` (``NoOptio
 fields are the mode's own CLI options; and an entry in ``MODES``.
 
 Options a mode does not use are an error, not ignored: ``check_options_apply`` names the option and the modes
-that take it.
+that take it. QAT takes no ``--calib-method``: its fake-quant layers observe min/max ranges, and the ONNX it
+deploys is calibrated the same way, so that the PyTorch model it is checked against predicts it.
 """
 
 from __future__ import annotations
@@ -180,7 +181,8 @@ MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
          _PLAIN_HINT, produce=_produce_dynamic, lints=_always),
     Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16),
-    Mode("qat", QatOptions, _INT8_SHARED, _always, _int8_settings, 90.0, _CALIB_HINT, from_checkpoint=_qat,
+    Mode("qat", QatOptions, ("--target", "--per-tensor", "--reduce-range"), _always, _int8_settings, 90.0,
+         _CALIB_HINT, from_checkpoint=_qat,
          qdq_int8=True, lints=_always),
     Mode("kmeans", KmeansOptions, (), _never, _kmeans_settings, 90.0,
          "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement",
@@ -206,14 +208,25 @@ def mode_specific_flags() -> dict[str, list[str]]:
     return users
 
 
-def check_options_apply(mode: str, given: Iterable[str]) -> None:
-    """A ``UsageError`` (exit 2) for the first of the ``given`` flags that ``mode`` does not use, naming the
-    modes that take it. Flags every mode uses pass."""
-    entry = get_mode(mode)
+# The calibration set's own options: they matter wherever the set is read (``QuantizeConfig.reads_calib_set``).
+CALIB_FLAGS = ("--calib-data", "--num-calib")
+
+
+def check_options_apply(cfg: QuantizeConfig, given: Iterable[str]) -> None:
+    """A ``UsageError`` (exit 2) for the first of the ``given`` flags that ``cfg.mode`` does not use, naming
+    the modes that take it; ``--calib-data``/``--num-calib`` also where the calibration set is never read (a
+    mode that does not calibrate, verified on ``--data``). Flags every mode uses pass."""
+    entry = get_mode(cfg.mode)
     users = mode_specific_flags()
     for flag in given:
         if flag in users and not entry.takes(flag):
             takers = users[flag]
-            raise UsageError(f"{flag} does not apply to --mode {mode}; it is an option of --mode "
+            raise UsageError(f"{flag} does not apply to --mode {cfg.mode}; it is an option of --mode "
                              f"{', '.join(takers)}",
                              hint=f"drop {flag}, or choose --mode {takers[0]}")
+        if flag in CALIB_FLAGS and not cfg.reads_calib_set:
+            takers = [m.name for m in MODES.values() if m.calibrates is not _never]
+            raise UsageError(f"{flag} has no effect: --mode {cfg.mode} does not calibrate, and with --data it is "
+                             f"verified on the --data test split; it is an option of --mode {', '.join(takers)} "
+                             f"(and of every mode without --data)",
+                             hint=f"drop {flag}, or drop --data to verify on the calibration images")

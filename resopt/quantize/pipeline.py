@@ -260,7 +260,7 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
     from resopt.quantize import ort as q
 
     mode = cfg.method
-    reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+    reduce_range = cfg.weights_reduce_range()
     prepped, out = tmp / "prepped.onnx", tmp / "quantized.onnx"
     q.preprocess_model(src.onnx, prepped)
     check_excluded_exist(prepped, cfg.exclude)

@@ -61,6 +61,7 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
             self.symmetric = symmetric
             self.observing = False
             self.enabled = False
+            self.skip = False  # an --exclude'd layer's input: stays float whatever ``enabled`` says
             self.register_buffer("lo", torch.tensor(float("inf")))
             self.register_buffer("hi", torch.tensor(float("-inf")))
             self.register_buffer("scale", torch.tensor(1.0))
@@ -87,7 +88,7 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
                 self.lo.copy_(torch.minimum(self.lo, x.detach().min().float()))
                 self.hi.copy_(torch.maximum(self.hi, x.detach().max().float()))
                 return x
-            if not self.enabled:
+            if not self.enabled or self.skip:
                 return x
             qmin, qmax = (-127, 127) if self.symmetric else (0, 255)
             y = torch.fake_quantize_per_tensor_affine(x.float(), self.scale, self.zero_point, qmin, qmax)
@@ -100,9 +101,10 @@ def _fake_quant_classes() -> tuple[type, type, type, type]:
             super().__init__()
             self.per_channel = per_channel
             self.enabled = True
+            self.skip = False  # an --exclude'd layer: float weights whatever ``enabled`` says
 
         def forward(self, w: torch.Tensor) -> torch.Tensor:
-            if not self.enabled:
+            if not self.enabled or self.skip:
                 return w
             wf = w.float()
             if self.per_channel:
@@ -156,6 +158,8 @@ class QatModel:
     folded: dict[str, str]  # conv name -> the BatchNorm folded into it
     act_quant: list[Any]
     weight_quant: list[Any]
+    layer_inputs: list[tuple[Any, Any]]  # (Conv/Linear layer, the fake-quant of its input), in graph order
+    add_inputs: list[tuple[Any, Any]]  # the fake-quants of both inputs of every residual add, in graph order
 
     def observe(self, on: bool) -> None:
         for q in self.act_quant:
@@ -206,11 +210,13 @@ def prepare_qat(model: nn.Module, *, symmetric_acts: bool, per_channel: bool) ->
     modules = dict(gm.named_modules())
 
     acts: list[Any] = []
+    layer_inputs: list[tuple[Any, Any]] = []
+    add_inputs: list[tuple[Any, Any]] = []
 
-    def fq_before(user: fx.Node, arg_index: int) -> None:
+    def fq_before(user: fx.Node, arg_index: int) -> Any:
         src = user.args[arg_index]
         if not isinstance(src, fx.Node):
-            return
+            return None
         q = act_cls(symmetric_acts)
         name = f"qat_act_{len(acts)}"
         gm.add_submodule(name, q)
@@ -220,17 +226,58 @@ def prepare_qat(model: nn.Module, *, symmetric_acts: bool, per_channel: bool) ->
         args = list(user.args)
         args[arg_index] = fq
         user.args = tuple(args)
+        return q
 
     for node in list(gm.graph.nodes):
         if node.op == "call_module" and isinstance(modules.get(node.target), (conv_cls, linear_cls)):
-            fq_before(node, 0)
+            layer_inputs.append((modules[node.target], fq_before(node, 0)))
         elif node.op == "call_function" and node.target in (operator.add, torch.add) \
                 and sum(isinstance(a, fx.Node) for a in node.args[:2]) == 2:
-            fq_before(node, 0)
-            fq_before(node, 1)
+            add_inputs.append((fq_before(node, 0), fq_before(node, 1)))
     gm.graph.lint()
     gm.recompile()
-    return QatModel(gm, base, folded, acts, weights)
+    return QatModel(gm, base, folded, acts, weights, layer_inputs, add_inputs)
+
+
+def exclude_layers(qm: QatModel, fp32: Any, names: tuple[str, ...]) -> None:
+    """Keep the ``--exclude``d nodes of the FP32 ONNX ``fp32`` (the export of the same weights) in float in the
+    fake-quant model too, so that fine-tuning and the agreement check see the graph that will be deployed. A
+    Conv or Gemm is found by its weight (the export folds BatchNorm exactly as ``QatConv.folded`` does), a
+    residual Add by its place among the graph's two-activation Adds."""
+    from onnx import numpy_helper
+
+    from resopt.errors import UsageError
+
+    inits = {i.name: numpy_helper.to_array(i) for i in fp32.graph.initializer}
+    nodes = {n.name: n for n in fp32.graph.node}
+    adds = [n.name for n in fp32.graph.node if n.op_type == "Add" and not any(i in inits for i in n.input)]
+    for name in names:
+        node = nodes[name]
+        if node.op_type in ("Conv", "Gemm") and node.input[1] in inits:
+            w = inits[node.input[1]]
+            matches = [(layer, fq) for layer, fq in qm.layer_inputs if _same_weight(layer, w)]
+            if len(matches) == 1:
+                layer, fq = matches[0]
+                layer.weight_quant.skip = True
+                if fq is not None:
+                    fq.skip = True
+                continue
+        elif node.op_type == "Add" and len(adds) == len(qm.add_inputs):
+            for fq in qm.add_inputs[adds.index(name)]:
+                if fq is not None:
+                    fq.skip = True
+            continue
+        raise UsageError(f"--mode qat cannot find the PyTorch layer of --exclude {name} ({node.op_type}); it can "
+                         f"keep Conv, Gemm and residual Add nodes in FP32", hint="drop it from --exclude")
+
+
+def _same_weight(layer: Any, w: np.ndarray) -> bool:
+    import numpy as np
+    import torch
+
+    with torch.no_grad():
+        mine = (layer.folded()[0] if hasattr(layer, "folded") else layer.linear.weight).float().cpu().numpy()
+    return any(c.shape == mine.shape and np.allclose(c, mine, rtol=1e-4, atol=1e-6) for c in (w, w.T))
 
 
 def _set_module(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -278,9 +325,9 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
     import tempfile
     import time
 
-    from resopt.artifacts import check_output_path, checkpoint_preprocess, load_model, make_checkpoint, save_checkpoint
+    from resopt.artifacts import checkpoint_preprocess, load_model, make_checkpoint, save_checkpoint
     from resopt.backends.ort_backend import onnx_predict
-    from resopt.calib import calib_batch_size, calib_batches
+    from resopt.calib import calib_batch_size, calib_batches, save_calib_set
     from resopt.console import log
     from resopt.quantize import ort as q
     from resopt.quantize.config import QatOptions
@@ -288,6 +335,8 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         EvalImages,
         Produced,
         calib_set,
+        check_excluded_exist,
+        check_outputs,
         export_fp32,
         open_onnx,
         static_builder,
@@ -298,7 +347,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
 
     t0 = time.perf_counter()
     checkpoint, output = Path(checkpoint), Path(output)
-    check_output_path(output, checkpoint, cfg.data, cfg.calib_data, suffixes=(".onnx",))
+    check_outputs(output, cfg, checkpoint)
     model, ckpt = load_model(checkpoint)
     pre = checkpoint_preprocess(ckpt)
     classes = list(ckpt["classes"])
@@ -311,14 +360,14 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         src = open_onnx(export_fp32(checkpoint, tmp / "fp32.onnx", cfg), checkpoint)
         cs = calib_set(cfg, classes, ckpt.get("lineage"))
         evals = EvalImages(data_spec, pre, classes, per_class=cfg.limit_per_class, seed=cfg.seed)
-        reduce_range = q.default_reduce_range() if cfg.reduce_range is None else cfg.reduce_range
+        reduce_range = cfg.weights_reduce_range()
         bs = calib_batch_size(pre)
 
         def int8_of(fp32: Path, name: str) -> Path:
             prepped = tmp / f"{name}.prepped.onnx"
             q.preprocess_model(fp32, prepped)
-            ranges = q.calibrate(prepped, cs, pre, method=cfg.calib_method, symmetric=cfg.target == "trt",
-                                 workdir=tmp)
+            # min/max, as the fake-quant layers observe: the PyTorch model must predict this ONNX.
+            ranges = q.calibrate(prepped, cs, pre, method="minmax", symmetric=cfg.target == "trt", workdir=tmp)
             out = tmp / f"{name}.int8.onnx"
             static_builder(prepped, ranges, cfg, tmp, reduce_range)(out, exclude=cfg.exclude)
             return out
@@ -328,6 +377,11 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         log(f"qat: FP32 top-1 {fp32_acc[0]:.2f}%, PTQ INT8 {top1_ptq:.2f}%")
 
         qm = prepare_qat(model, symmetric_acts=cfg.target == "trt", per_channel=cfg.per_channel)
+        if cfg.exclude:
+            import onnx
+
+            check_excluded_exist(src.onnx, cfg.exclude)
+            exclude_layers(qm, onnx.load(str(src.onnx)), cfg.exclude)
         calibrate_ranges(qm, calib_batches(cs, pre, batch_size=bs))
         qat_opts = cfg.mode_options(QatOptions)
         # The model's recorded validation split: QAT fine-tuning never trains on its parent's val images.
@@ -356,7 +410,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
                                  "seed": cfg.seed, "calib_preprocess": pre.to_dict(),
                                  "train": {k: getattr(train_cfg, k) for k in ("epochs", "batch_size", "lr",
                                                                              "optimizer", "weight_decay", "amp",
-                                                                             "seed")},
+                                                                             "seed", "device")},
                                  "data_path": fitted.data_path})
         produced.metrics.update({"top1_fp32": fp32_acc[0], "top1_ptq": round(top1_ptq, 3),
                                  "top1_qat_fakequant": round(fq_top1, 3)})
@@ -365,7 +419,11 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
                                  "best_epoch": fitted.best_epoch, "train_seconds": round(fitted.seconds, 1),
                                  "data_path": fitted.data_path}
         produced.excluded = cfg.exclude
-        return verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
+        result = verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
+    if cfg.save_calib is not None:
+        save_calib_set(cs, cfg.save_calib)
+        log(f"saved the calibration set to {cfg.save_calib}")
+    return result
 
 
 def _topk(model: Path, batches: Iterable[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
