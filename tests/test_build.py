@@ -40,7 +40,7 @@ from resopt.errors import (
 from resopt.fp16 import convert_onnx_fp16
 from resopt.verify import Parity, parity_of
 
-TRT_HINT = "pip install --extra-index-url https://pypi.nvidia.com 'resopt[tensorrt]'"
+TRT_HINT = "pip install 'resopt[tensorrt-cu12]' (or 'resopt[tensorrt-cu13]' with a CUDA 13 torch)"
 
 
 @pytest.fixture(scope="module")
