@@ -282,7 +282,8 @@ def save_calib_set(cs: CalibSet, path: Path) -> Path:
     offsets = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
     meta = {"format": CALIB_FORMAT, "format_version": CALIB_VERSION, "classes": list(cs.classes),
             "source": cs.source, "seed": cs.seed, "sha256": cs.sha256}
-    with atomic_output(path) as tmp, open(tmp, "wb") as f:
+    # Written before quantization (--save-calib): an interrupt must still stop the command after it.
+    with atomic_output(path, commit=False) as tmp, open(tmp, "wb") as f:
         np.savez(f, meta=np.array(json.dumps(meta)), data=np.frombuffer(b"".join(blobs), dtype=np.uint8),
                  offsets=offsets, labels=np.array(cs.labels, dtype=np.int64))
     return path

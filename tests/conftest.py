@@ -60,6 +60,14 @@ def _missing_data(reason: str) -> None:
     pytest.skip(reason)
 
 
+def require_shared(path: Path, what: str) -> Path:
+    """A shared input (a published model in ../shared/models, a tool such as make) that a test needs: skip
+    without it, except with CI=true, where it fails like missing data (a skip there would hide the test)."""
+    if not path.exists():
+        _missing_data(f"{what} not found at {path}")
+    return path
+
+
 def cifar_root() -> Path:
     """The unpacked CIFAR-10 ImageFolder tree (train/, test/); unpacked on first use, under a lock."""
     root = CACHE / "cifar10"

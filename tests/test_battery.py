@@ -1,7 +1,10 @@
 """The bad-input and fault battery: every command x every kind of bad file, option, data folder and output.
 
 Each case runs the real CLI and checks the whole contract: the exit code, ``Error:`` as the first line of
-stderr with the words that name the problem, no traceback, no file left behind, and no input changed.
+stderr and the only one, with the words that name the problem, no traceback, no file left behind, and no
+input changed. The commands run with ``RESOPT_QUIET=1``, which silences progress lines (what a script that
+reads stderr sets); warnings and errors still print, so an error that some chatter or a second error
+line precedes fails the case.
 Most cases run in-process (``resopt.cli.run``: fast, torch imported once); the ones where a hang, a signal
 or a file size limit matters run ``python -m resopt`` as a subprocess under ``timeout``.
 """
@@ -37,6 +40,12 @@ CLASSES3 = CLASSES[:3]
 
 
 # -------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(autouse=True)
+def _quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Progress lines off (in-process, and inherited by every child): only warnings and errors remain."""
+    monkeypatch.setenv("RESOPT_QUIET", "1")
 
 
 @pytest.fixture(scope="module")
@@ -83,9 +92,11 @@ def _check(code: int, stderr: str, expect_code: int, words: tuple[str, ...], bef
            after: dict[str, str]) -> None:
     assert "Traceback" not in stderr, stderr
     assert code == expect_code, f"exit {code}, expected {expect_code}: {stderr}"
-    first = stderr.strip().splitlines()[0] if stderr.strip() else ""
-    error_line = next((ln for ln in stderr.splitlines() if ln.startswith("Error: ")), "")
-    assert first.startswith("Error: ") or error_line, stderr
+    lines = stderr.splitlines()
+    # The one Error: line comes first (a Hint: or warnings may follow it), and there is exactly one.
+    assert lines and lines[0].startswith("Error: "), f"first line of stderr is not the Error: line: {stderr!r}"
+    assert sum(ln.startswith("Error: ") for ln in lines) == 1, stderr
+    error_line = lines[0]
     for w in words:
         assert w.lower() in error_line.lower(), f"{w!r} not in {error_line!r}"
     assert after == before, f"files changed: {sorted(set(after.items()) ^ set(before.items()))}"
@@ -542,10 +553,24 @@ def test_bad_output_refused_before_work(cli, good, tmp_path, monkeypatch, case):
     assert time.perf_counter() - t0 < 20  # refused up front, not after training or calibration
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root may write into a read-only folder")
+def _unprivileged() -> None:
+    """In the child, before exec: when the suite runs as root (CI does), drop every capability from the
+    bounding set, so that the command's process is root without privileges (no CAP_DAC_OVERRIDE: a 0555
+    folder refuses its writes, as it would a normal user's). The interpreter may live under /root, where a
+    switch to another uid could not exec it."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_capbset_drop = 24
+    for cap in range(64):
+        if libc.prctl(pr_capbset_drop, cap, 0, 0, 0) != 0 and ctypes.get_errno() != 22:  # EINVAL: no such cap
+            os._exit(99)
+
+
 @pytest.mark.parametrize("command", ["train", "export", "quantize"])
-def test_read_only_output_folder_refused_before_work(cli, good, tmp_path, monkeypatch, command):
-    monkeypatch.chdir(tmp_path)
+def test_read_only_output_folder_refused_before_work(good, tmp_path, command):
     ro = tmp_path / "ro"
     ro.mkdir()
     ro.chmod(0o555)
@@ -553,10 +578,32 @@ def test_read_only_output_folder_refused_before_work(cli, good, tmp_path, monkey
     argv = {"train": ["train", "-d", d, "-o", ro / "t.pt"],
             "export": ["export", good["pt"], "-d", d, "-o", ro / "x.onnx"],
             "quantize": ["quantize", good["onnx"], "--calib-data", d, "-o", ro / "q.onnx"]}[command]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    before = _tree(tmp_path, good["root"])
+    t0 = time.perf_counter()
     try:
-        _run(cli, [str(a) for a in argv], 2, ("not writable", str(ro)), [tmp_path, good["root"]])
+        r = subprocess.run([sys.executable, "-m", "resopt", *map(str, argv)], cwd=tmp_path, env=env, text=True,
+                           capture_output=True, timeout=120, preexec_fn=_unprivileged)
     finally:
         ro.chmod(0o755)
+    assert r.returncode != 99, "could not drop the child's capabilities"
+    _check(r.returncode, r.stderr, 2, ("not writable", str(ro)), before, _tree(tmp_path, good["root"]))
+    assert r.stdout == "", r.stdout
+    assert time.perf_counter() - t0 < 60  # refused up front, not after training or calibration
+
+
+def test_unprivileged_child_cannot_write_a_read_only_folder(tmp_path):
+    """The premise of the case above, checked: the child really cannot write into a 0555 folder."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        r = subprocess.run([sys.executable, "-c", f"open({str(ro / 'f')!r}, 'w')"], capture_output=True,
+                           text=True, preexec_fn=_unprivileged, timeout=60)
+    finally:
+        ro.chmod(0o755)
+    assert r.returncode == 1 and "PermissionError" in r.stderr, r.stderr
+    assert not (ro / "f").exists()
 
 
 # ------------------------------------------------------- hangs, signals, full disk: subprocesses
@@ -616,6 +663,12 @@ def test_signal_while_training_leaves_nothing(good, tmp_path, sig, code):
             p.kill()
     assert "Traceback" not in err, err
     assert p.returncode == code, err
+    # Training logs its epochs on stderr first; the signal's one Error: line ends it (Typer used to swallow
+    # Ctrl-C into a silent exit 130).
+    errors = [ln for ln in err.splitlines() if ln.startswith("Error: ")]
+    expected = "Error: interrupted" if sig == signal.SIGINT else "Error: terminated by SIGTERM"
+    assert len(errors) == 1 and errors[0].startswith(expected), err
+    assert err.splitlines()[-1] == errors[0], err
     left = sorted(f.name for f in tmp_path.iterdir())
     assert left == ["t.pt.resume"], left  # the last complete resume state; no .tmp, no half-written t.pt
     torch.load(tmp_path / "t.pt.resume", weights_only=True)  # complete and loadable
@@ -661,3 +714,94 @@ def test_bad_resume_state_is_refused(cli, good, tmp_path, monkeypatch):
     _run(cli, ["train", "-d", d, "--epochs", "1", "--width", "0.25", "-o", "t.pt", "--resume"], 3,
          ("resume state", "model"), [tmp_path])
     assert not (tmp_path / "PWNED").exists()
+
+
+def test_corrupt_cifar_under_data_home_is_exit_4(cli, tmp_path, monkeypatch):
+    """`--data cifar10` over a RESOPT_DATA home whose torchvision batches are corrupt: one line, exit 4
+    (torchvision's own check raised a RuntimeError traceback, exit 1)."""
+    home = tmp_path / "home"
+    batches = home / "cifar-10-batches-py"
+    batches.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch",
+                 "batches.meta"]:
+        (batches / name).write_bytes(rng.integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    monkeypatch.setenv("RESOPT_DATA", str(home))
+    monkeypatch.chdir(tmp_path)
+    _run(cli, ["train", "--data", "cifar10", "--epochs", "1", "--width", "0.25", "-o", "t.pt"], 4,
+         ("corrupt", str(batches)), [tmp_path])
+
+
+def test_interrupt_while_the_temporary_file_is_created_leaves_nothing(tmp_path, monkeypatch):
+    """A SIGINT that lands as the temporary file is created (after the system call made it, before its name
+    is returned) must not leave a 0-byte ``.x.onnx.*.tmp``: the KeyboardInterrupt is raised from inside
+    os.open, the last moment the old mkstemp-before-try code could not clean up after."""
+    from resopt.artifacts import atomic_output
+
+    real_open = os.open
+
+    def open_then_interrupt(path, flags, mode=0o777, *args, **kwargs):
+        fd = real_open(path, flags, mode, *args, **kwargs)
+        os.close(fd)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "open", open_then_interrupt)
+    with pytest.raises(KeyboardInterrupt), atomic_output(tmp_path / "x.onnx") as tmp:
+        tmp.write_bytes(b"never")
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_signal_after_the_output_is_in_place_lets_the_command_finish(cli, good, tmp_path, monkeypatch):
+    """SIGINT just after the output was renamed into place: the command completes and exits 0 with the
+    whole, loadable file and one Warning line (the previous file at -o is gone by then, so there is nothing
+    to roll back to). It used to exit 130 with the finished file left."""
+    import resopt.artifacts.files as files
+
+    monkeypatch.chdir(tmp_path)
+    real_replace = os.replace
+    sent: list[str] = []
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        if Path(dst).name == "x.onnx":
+            sent.append(str(dst))
+            os.kill(os.getpid(), signal.SIGINT)  # handled at the next bytecode, in this (main) thread
+
+    monkeypatch.setattr(files.os, "replace", replace_then_signal)
+    # As a terminal gives it: a suite run as a background job starts with SIGINT ignored.
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        r = cli("export", good["pt"], "-d", good["data"], "--num-verify", "6", "--exporter", "torchscript",
+                "--opset", "17", "-o", "x.onnx")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert sent == ["x.onnx"]
+    assert r.code == 0, r.stderr
+    assert not any(ln.startswith("Error: ") for ln in r.stderr.splitlines()), r.stderr
+    assert "Warning: SIGINT arrived after x.onnx was written; the command finished" in r.stderr
+    onnx.checker.check_model(onnx.load(str(tmp_path / "x.onnx")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.onnx"]
+
+
+def test_signal_before_the_output_is_in_place_still_stops_the_command(cli, good, tmp_path, monkeypatch):
+    """The other side of the line: SIGINT just before the rename is exit 130, one Error: line, nothing left."""
+    import resopt.artifacts.files as files
+
+    monkeypatch.chdir(tmp_path)
+    real_chmod = os.chmod
+
+    def chmod_then_signal(path, mode, *args, **kwargs):
+        real_chmod(path, mode, *args, **kwargs)
+        if Path(path).name.startswith(".x.onnx."):  # atomic_output's last step before the rename
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(files.os, "chmod", chmod_then_signal)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        before = _tree(tmp_path, good["root"])
+        r = cli("export", good["pt"], "-d", good["data"], "--num-verify", "6", "--exporter", "torchscript",
+                "--opset", "17", "-o", "x.onnx")
+    finally:
+        signal.signal(signal.SIGINT, old)
+    _check(r.code, r.stderr, 130, ("interrupted; no partial file was left",), before, _tree(tmp_path, good["root"]))

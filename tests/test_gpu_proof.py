@@ -21,6 +21,12 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def _whole_images(top1: float, images: int) -> bool:
+    """Whether ``top1`` (percent, maybe rounded to 2 decimals) is k of ``images`` correct for a whole k."""
+    k = top1 * images / 100.0
+    return abs(k - round(k)) < images * 0.005 / 100.0 + 1e-9
+
+
 def test_gpu_proof_smoke_end_to_end(cifar_small: Path, tmp_path: Path) -> None:
     from resopt.artifacts import load_checkpoint
 
@@ -37,15 +43,19 @@ def test_gpu_proof_smoke_end_to_end(cifar_small: Path, tmp_path: Path) -> None:
     assert tr["epochs"] == 1 and tr["device"] == "cpu" and tr["data_path"] == "fast"
     assert tr["train_images"] == 50 and tr["eval_images"] == 50  # --limit-per-class 5 on both splits
     assert len(tr["epoch_images_per_sec"]) == 1 and tr["epoch_images_per_sec"][0] > 0
-    assert 0.0 <= tr["top1"] <= 100.0
+    # top-1 over 50 images is a whole number of them: k/50, a multiple of 2 points (a mean over some other
+    # count, or a fraction instead of a percentage, is not).
+    assert _whole_images(tr["top1"], 50) and 0.0 <= tr["top1"] <= 100.0, tr["top1"]
     assert [(row["variant"], row["batch"]) for row in m["gpu_bench"]] == [("fp32", 1), ("fp32", 8)]
     assert all(row["img_per_s"] > 0 for row in m["gpu_bench"])
     assert m["export"]["verification"]["top1_agreement"] == 100.0
     assert m["quantize"]["parent"]["top1"] == tr["top1"]  # the same 50 test images, FP32 ONNX = the .pt
-    assert 0.0 <= m["quantize"]["result"]["top1"] <= 100.0
+    assert _whole_images(m["quantize"]["result"]["top1"], 50), m["quantize"]["result"]
     assert {(row["file"], row["batch"]) for row in m["cpu_bench"]} == {
         ("resnet56.onnx", 1), ("resnet56.onnx", 8), ("resnet56.int8.onnx", 1), ("resnet56.int8.onnx", 8)}
-    assert d["env"]["torch"]
+    import torch
+
+    assert d["env"]["torch"] == torch.__version__  # the torch this very run used, not just any string
     ckpt = load_checkpoint(out / "resnet56.pt")
     opts = ckpt["lineage"][-1]["options"]
     assert ckpt["arch"] == "resnet56" and opts["time_budget"] == 600 and opts["data_path"] == "fast"

@@ -9,14 +9,19 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CLASSES, REPO, cifar_full_test, randomize_bn
+from conftest import CLASSES, REPO, cifar_full_test, randomize_bn, require_shared
 
 SHARED = REPO.parent / "shared" / "models"
 R20 = SHARED / "resnet20-12fca82f.th"
 R56 = SHARED / "resnet56-4bfd9763.th"
 IMAGENET = ("--mean", "0.485,0.456,0.406", "--std", "0.229,0.224,0.225")
 
-pytestmark = pytest.mark.skipif(not R20.exists(), reason=f"shared models not found at {SHARED}")
+
+
+@pytest.fixture(autouse=True)
+def _shared_models() -> None:
+    """Every test here reads the published models: without them it skips, or fails with CI=true."""
+    require_shared(R20, "the shared models")
 
 
 # ------------------------------------------------------------------ reference: the source layout, plainly

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import shutil
 import xml.etree.ElementTree as ET
@@ -105,17 +106,30 @@ def test_every_row_joins_its_file_parent_and_bench_row(full: dict, chain: dict[s
     assert {"loss", "train_top1", "val_top1"} <= set(runs["train -> r20.pt"][0])
 
 
-def test_pareto_marks_agree_with_the_numbers(full: dict) -> None:
-    from resopt.report import pareto_front
+def _dominated(p: tuple[float, float], points: list[tuple[float, float]]) -> bool:
+    """The definition, written here: some other point costs no more, scores no less, and differs."""
+    return any(q[0] <= p[0] and q[1] >= p[1] and q != p for q in points)
 
+
+def test_pareto_marks_agree_with_the_numbers(full: dict) -> None:
     recs = full["doc"]["records"]
     scored = [r for r in recs if r["top1"] is not None]
-    front = {scored[i]["name"] for i in pareto_front([(r["file_bytes"], r["top1"]) for r in scored])}
+    points = [(r["file_bytes"], r["top1"]) for r in scored]
+    # The expected frontier by brute force over every pair, not through resopt's pareto_front.
+    front = {r["name"] for r, p in zip(scored, points, strict=True) if not _dominated(p, points)}
+    assert front, "no frontier: the chain's records carry no top-1"
     assert {r["name"] for r in recs if "size" in r["pareto"]} == front
-    for r in recs:  # a size-front row is beaten by no row that is no larger and no less accurate
-        if "size" in r["pareto"]:
-            assert not any(o["file_bytes"] <= r["file_bytes"] and o["top1"] >= r["top1"] and
-                           (o["file_bytes"], o["top1"]) != (r["file_bytes"], r["top1"]) for o in scored)
+    assert not any("size" in r["pareto"] for r in recs if r["top1"] is None)
+
+
+def test_report_names_files_relative_to_its_folder(full: dict, chain: dict[str, Path]) -> None:
+    """The inputs were given as absolute paths; the report (in base/report/) names r20.p50.pt, the file left
+    out of the bench, as ../runs/r20.p50.pt: a committed report carries no path of the machine that made it."""
+    md = (full["out"] / "report.md").read_text()
+    assert str(chain["base"]) not in md and str(chain["base"]) not in " ".join(full["doc"]["notes"])
+    latency_note = next(n for n in full["doc"]["notes"] if n.startswith("no latency for"))
+    assert "resopt bench ../runs/r20.p50.pt --batch-size 1,4" in latency_note
+    assert "../runs/r20.p50.pt" in md
 
 
 def test_pareto_front_hand_made() -> None:
@@ -245,7 +259,9 @@ def test_missing_numbers_stay_missing(chain: dict[str, Path], tmp_path: Path) ->
     assert onnx["vs_root"]["points"] is None and onnx["vs_root"]["faster"] is None
     assert recs["r20.pt"]["top1"] is not None and recs["r20.pt"]["accuracy_source"] == "lineage: train, test"
     md = (tmp_path / "r" / "report.md").read_text()
-    assert "## Missing numbers" in md and f"--data {chain['data']}" in md
+    # The data folder, named from the report's folder (tmp_path/r): no absolute path in a report.
+    rel = os.path.relpath(chain["data"], tmp_path / "r")
+    assert rel.startswith("..") and "## Missing numbers" in md and f"--data {rel} " in md
     missing_line = next(ln for ln in md.splitlines() if ln.startswith("- top-1 not recorded"))
     assert "r20.onnx" in missing_line and "resopt bench" in missing_line and "r20.pt," not in missing_line
     assert not (tmp_path / "r" / "plots" / "top1_vs_latency_cpu_b1.png").exists()

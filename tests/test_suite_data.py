@@ -44,3 +44,42 @@ def test_ci_is_read_from_the_environment(value: str, expected: bool) -> None:
     env = {**os.environ, "CI": value, "PYTHONPATH": str(Path(conftest.__file__).parent)}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
     assert proc.stdout.strip() == str(expected), proc.stderr
+
+
+def test_missing_shared_input_fails_under_ci_and_skips_elsewhere(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(conftest, "IN_CI", True)
+    with pytest.raises(pytest.fail.Exception, match="CI must run"):
+        conftest.require_shared(tmp_path / "resnet20.th", "the shared models")
+    monkeypatch.setattr(conftest, "IN_CI", False)
+    with pytest.raises(pytest.skip.Exception, match="the shared models not found"):
+        conftest.require_shared(tmp_path / "resnet20.th", "the shared models")
+    (tmp_path / "resnet20.th").write_bytes(b"x")
+    assert conftest.require_shared(tmp_path / "resnet20.th", "the shared models") == tmp_path / "resnet20.th"
+
+
+@pytest.mark.parametrize(("module", "constant", "test"), [
+    ("test_importer", "R20", "test_renamed_keys_option_b_in_a_container"),
+    ("test_studies", "R56", "test_every_study_runs_end_to_end_at_smoke_scale"),
+])
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_shared_model_tests_fail_under_ci_when_the_models_are_missing(tmp_path: Path, module: str, constant: str,
+                                                                      test: str, ci: str) -> None:
+    """The real test modules, run in a child pytest with their shared model pointed at a missing file: under
+    CI=true the test fails (a module-level skip used to hide every importer test), elsewhere it skips."""
+    import os
+    import subprocess
+    import sys
+
+    tests = Path(conftest.__file__).parent
+    code = (f"import sys, pathlib, pytest; sys.path.insert(0, {str(tests)!r}); import {module}; "
+            f"{module}.{constant} = pathlib.Path({str(tmp_path / 'missing.th')!r}); "
+            f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', '-m', '', "
+            f"{str(tests / (module + '.py')) + '::' + test!r}]))")
+    env = {**os.environ, "CI": ci}
+    r = subprocess.run([sys.executable, "-c", code], cwd=tests.parent, capture_output=True, text=True, env=env,
+                       timeout=300)
+    if ci:
+        assert r.returncode == 1 and "CI must run" in r.stdout, r.stdout[-2000:]
+    else:
+        assert r.returncode == 0 and "1 skipped" in r.stdout, r.stdout[-2000:]

@@ -31,8 +31,10 @@ from resopt.artifacts.files import (
     artifact_kind,
     atomic_output,
     check_output_path,
+    outputs_placed,
     require_kind,
     require_regular,
+    reset_outputs_placed,
     sha256_file,
     write_text_atomic,
 )
@@ -58,11 +60,11 @@ from resopt.artifacts.sidecar import (
 )
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "ENGINE_SIDECAR_FORMAT", "ENGINE_SIDECAR_VERSION", "FOREIGN_PT_SUFFIXES",
-    "IMPORT_HINT", "KIND_BY_SUFFIX", "MAX_SIDECAR_BYTES", "META_PREFIX", "EngineSidecar", "Preprocess",
-    "artifact_kind", "atomic_output", "check_output_path", "checkpoint_preprocess", "jsonable", "library_versions",
-    "lineage_entry", "load_checkpoint", "load_model", "load_onnx", "make_checkpoint", "onnx_meta_from_checkpoint",
-    "onnx_preprocess", "read_onnx_meta", "read_sidecar", "require_kind", "require_regular",
-    "save_checkpoint", "save_onnx", "sha256_file", "sidecar_path", "stamp_onnx", "torch_load_plain",
-    "validate_sidecar", "write_sidecar", "write_text_atomic",
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "ENGINE_SIDECAR_FORMAT", "ENGINE_SIDECAR_VERSION",
+    "FOREIGN_PT_SUFFIXES", "IMPORT_HINT", "KIND_BY_SUFFIX", "MAX_SIDECAR_BYTES", "META_PREFIX", "EngineSidecar",
+    "Preprocess", "artifact_kind", "atomic_output", "check_output_path", "checkpoint_preprocess", "jsonable",
+    "library_versions", "lineage_entry", "load_checkpoint", "load_model", "load_onnx", "make_checkpoint",
+    "onnx_meta_from_checkpoint", "onnx_preprocess", "outputs_placed", "read_onnx_meta", "read_sidecar",
+    "require_kind", "require_regular", "reset_outputs_placed", "save_checkpoint", "save_onnx", "sha256_file",
+    "sidecar_path", "stamp_onnx", "torch_load_plain", "validate_sidecar", "write_sidecar", "write_text_atomic",
 ]

@@ -68,10 +68,10 @@ def make_checkpoint(
     return ckpt
 
 
-def save_checkpoint(ckpt: dict[str, Any], path: Path) -> None:
+def save_checkpoint(ckpt: dict[str, Any], path: Path, *, commit: bool = True) -> None:
     import torch
 
-    with atomic_output(path) as tmp:
+    with atomic_output(path, commit=commit) as tmp:
         torch.save(ckpt, tmp)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import secrets
 import stat
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,35 +27,71 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+# The outputs this process has put in place (atomic_output with commit=True): once one is there, the CLI
+# lets the command finish instead of stopping it on SIGINT/SIGTERM (see ``outputs_placed``).
+_PLACED: list[Path] = []
+
+
+def outputs_placed() -> list[Path]:
+    """The outputs renamed into place so far by this process (the CLI resets it per command)."""
+    return list(_PLACED)
+
+
+def reset_outputs_placed() -> None:
+    _PLACED.clear()
+
+
 @contextlib.contextmanager
-def atomic_output(path: Path) -> Iterator[Path]:
+def atomic_output(path: Path, *, commit: bool = True) -> Iterator[Path]:
     """Yield a temporary path in ``path``'s folder; rename it onto ``path`` only if the block succeeds.
 
     A failed or interrupted command (an exception, Ctrl-C, or SIGTERM, which the CLI turns into an
     exception) therefore never leaves a truncated artifact behind. A full disk is one line naming the
     output, whichever library was writing (torch.save reports it as a RuntimeError).
+
+    ``commit=True`` (a command's result) records the rename in ``outputs_placed``: from then on the CLI
+    defers SIGINT/SIGTERM until the command has finished (see ``resopt.cli.run``). ``commit=False`` is for
+    files written on the way (the resume state, a calibration cache), after which an interrupt still stops
+    the command.
     """
     path = Path(path)
+    tmp_path: Path | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as e:
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        # mkstemp creates 0600 files; give the artifact the permissions a plain open() would have.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
-        os.replace(tmp_path, path)
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, RuntimeError) and not _is_torch_write_error(e):
-            raise
-        raise OutputError(f"could not write {path}: {_write_failure(e, path)}") from None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            while True:
+                # The name is chosen, and known to the ``finally``, before the file exists: a signal that lands
+                # while (or just after) it is created still finds it there and removes it. mkstemp creates the
+                # file before returning its name, which left a 0-byte temporary file behind.
+                tmp_path = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+                try:
+                    os.close(os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+                    break
+                except FileExistsError:
+                    tmp_path = None  # someone else's file: never remove it
+        except OSError as e:
+            raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        try:
+            yield tmp_path
+            # The temporary file is created 0600; give the artifact the permissions a plain open() would have.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)
+            if commit:
+                # Recorded before the rename, so that a signal arriving during os.replace is deferred too.
+                _PLACED.append(path)
+            try:
+                os.replace(tmp_path, path)
+            except BaseException:
+                if commit:
+                    _PLACED.remove(path)
+                raise
+        except (OSError, RuntimeError) as e:
+            if isinstance(e, RuntimeError) and not _is_torch_write_error(e):
+                raise
+            raise OutputError(f"could not write {path}: {_write_failure(e, path)}") from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
@@ -82,8 +118,8 @@ def _write_failure(e: BaseException, path: Path) -> str:
     return f"{text[:160]} (disk full or file size limit?)" if isinstance(e, RuntimeError) else text[:160]
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    with atomic_output(path) as tmp:
+def write_text_atomic(path: Path, text: str, *, commit: bool = True) -> None:
+    with atomic_output(path, commit=commit) as tmp:
         tmp.write_text(text)
 
 

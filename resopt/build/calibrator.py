@@ -143,9 +143,10 @@ class CalibrationFeeder:
 
         if self.cache is None:
             return
-        with atomic_output(self.cache) as tmp:
+        # Written during the build, before the engine: an interrupt must still stop it.
+        with atomic_output(self.cache, commit=False) as tmp:
             tmp.write_bytes(bytes(data))
-        write_text_atomic(self._key_path(), json.dumps(self.key, indent=2) + "\n")
+        write_text_atomic(self._key_path(), json.dumps(self.key, indent=2) + "\n", commit=False)
 
 
 def make_entropy_calibrator(trt: Any, feeder: CalibrationFeeder, *, device: str = "cuda") -> Any:

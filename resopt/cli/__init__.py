@@ -72,12 +72,42 @@ def report_error(e: BaseException) -> int:
     return code
 
 
+class Interrupted(BaseException):
+    """SIGINT, raised by resopt's own handler: Typer turns a KeyboardInterrupt into a silent exit 130 before
+    ``run`` could print its line, so Ctrl-C never reaches us as one."""
+
+
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so that every ``finally`` (temporary files) runs as for Ctrl-C."""
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+_MAIN_PID = os.getpid()
+# Signals that arrived after the command's output was in place (deferred: the command finishes).
+_DEFERRED: list[int] = []
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    """Stop the command, unless its output is already in place: then let it finish (exit 0).
+
+    Once an output has been renamed onto its path, the previous file there is gone, so the command can no
+    longer be rolled back; stopping it would exit 130 with the new file left, and a script would see
+    "interrupted" and an output. What is left after that point (the sidecar, the result table) takes
+    moments, so the command completes and says that the signal came too late to stop it.
+    """
+    import signal
+
+    if os.getpid() != _MAIN_PID:  # a forked worker (DataLoader) inherits the handler: behave as Python would
+        if signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    from resopt.artifacts import outputs_placed
+
+    if outputs_placed():
+        _DEFERRED.append(signum)
+        return
+    raise Interrupted() if signum == signal.SIGINT else Terminated()
 
 
 def _click_exceptions() -> tuple[type[Exception], type[Exception]]:
@@ -109,19 +139,26 @@ def run(argv: list[str] | None = None) -> int:
     import signal
     import threading
 
+    from resopt.artifacts import outputs_placed, reset_outputs_placed
+
     click_exception, _ = _click_exceptions()
     debug = os.environ.get("RESOPT_DEBUG", "") not in ("", "0")
-    previous = None
+    previous: dict[int, Any] = {}
+    reset_outputs_placed()
+    _DEFERRED.clear()
     if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, _on_signal)
+        # Only where Ctrl-C would interrupt at all: a background job started with SIGINT ignored keeps it so.
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            previous[signal.SIGINT] = signal.signal(signal.SIGINT, _on_signal)
     try:
         code = app(args=argv, prog_name="resopt", standalone_mode=False)
-        return code if isinstance(code, int) else 0
+        code = code if isinstance(code, int) else 0
     except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except click_exception as e:
         return _usage_error(e)
-    except (typer.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt, Interrupted):
         sys.stderr.write("Error: interrupted; no partial file was left\n")
         return 130
     except Terminated:
@@ -132,8 +169,14 @@ def run(argv: list[str] | None = None) -> int:
             raise
         return report_error(e)
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    if _DEFERRED:
+        name = "SIGINT" if _DEFERRED[0] == signal.SIGINT else "SIGTERM"
+        placed = outputs_placed()
+        sys.stderr.write(f"Warning: {name} arrived after {placed[0]} was written; the command finished "
+                         f"(exit {code}) instead of leaving a half-done result\n")
+    return code
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ A folder with ``train/``, ``val/`` and ``test/`` has all three splits; with ``tr
 from __future__ import annotations
 
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,6 +26,8 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
 KNOWN_NAMES = {"cifar10": "CIFAR10", "cifar100": "CIFAR100"}
+# The folder torchvision unpacks each into, under the data home.
+_TV_FOLDERS = {"CIFAR10": "cifar-10-batches-py", "CIFAR100": "cifar-100-python"}
 TEST_SPLIT_NAMES = ("test", "val", "validation")  # the first present is the reported split
 VAL_SPLIT_NAMES = ("val", "validation")
 
@@ -56,7 +59,18 @@ class DataSource:
             import torchvision
 
             cls = getattr(torchvision.datasets, self.tv_name or "")
-            return cls(str(self.root), train=(split == "train"), transform=transform, download=False)
+            try:
+                return cls(str(self.root), train=(split == "train"), transform=transform, download=False)
+            except (RuntimeError, OSError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as e:
+                # torchvision checks each file's md5 and raises "Dataset not found or corrupted"; a file that
+                # passes but cannot be read (permissions) is an OSError.
+                batches = self.root / _TV_FOLDERS.get(self.tv_name or "", "")
+                detail = str(e).splitlines()[0][:120] if str(e) else "no detail"
+                raise DataError(f"{self.spec}: the {split} files in {batches} are missing or corrupt "
+                                f"({type(e).__name__}: {detail})",
+                                hint=f"delete {batches} so that it is downloaded again, or set RESOPT_DATA to a "
+                                     f"folder holding {self.spec}/train and {self.spec}/test (ImageFolder layout)",
+                                ) from None
         folder = {"train": self.train_dir, "val": self.val_dir, "test": self.test_dir}[split]
         if folder is None:
             raise DataError(f"data {self.spec} has no {split} split (expected a {split}/ folder in {self.root})")
@@ -107,7 +121,7 @@ def _named_source(name: str, *, download: bool) -> DataSource:
         if (candidate / "train").is_dir():
             return _folder_source(str(candidate), candidate)
     tv_name = KNOWN_NAMES[name]
-    batches = home / ("cifar-10-batches-py" if name == "cifar10" else "cifar-100-python")
+    batches = home / _TV_FOLDERS[tv_name]
     if not batches.is_dir():
         if not download:
             raise DataError(f"{name} not found under {home}")

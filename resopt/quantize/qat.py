@@ -400,7 +400,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         tuned = make_checkpoint(arch=ckpt["arch"], arch_kwargs=ckpt.get("arch_kwargs", {}), state_dict=state,
                                 classes=classes, preprocess=pre, lineage=list(ckpt.get("lineage", [])),
                                 metrics={}, widths=ckpt.get("widths") or {})
-        save_checkpoint(tuned, tmp / "qat.pt")
+        save_checkpoint(tuned, tmp / "qat.pt", commit=False)
         qat_int8 = int8_of(export_fp32(tmp / "qat.pt", tmp / "qat.fp32.onnx", cfg), "qat")
 
         produced = Produced(qat_int8, {**cfg.method.settings(cfg, reduce_range), "qat_epochs": train_cfg.epochs},

@@ -12,6 +12,7 @@ report says which command measures the rest.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,7 +95,7 @@ def build_report(inputs: list[Path], cfg: ReportConfig, *, skip: Path | None = N
     compare_to_root(records, metric=cfg.metric, device=device, batch_size=batch_size)
     _mark_pareto(records, cfg.metric, coords)
     return Report(config=cfg, records=records, device=device, batch_size=batch_size, coordinates=coords,
-                  runs=_training_runs(records), notes=_missing_notes(records, cfg.metric, coords),
+                  runs=_training_runs(records), notes=_missing_notes(records, cfg.metric, coords, report_dir=skip),
                   warnings=warnings)
 
 
@@ -150,20 +151,32 @@ def _training_runs(records: list[Record]) -> list[tuple[str, list[dict[str, Any]
     return runs
 
 
-def _missing_notes(records: list[Record], metric: str, coords: list[tuple[str, int]]) -> list[str]:
+def _shown(path: str, report_dir: Path | None) -> str:
+    """A file as the report names it: relative to the report's folder, so that a committed report never
+    carries the absolute paths of the machine that made it (and its commands run from that folder)."""
+    if report_dir is None:
+        return path
+    return os.path.relpath(os.path.abspath(path), os.path.abspath(report_dir))
+
+
+def _missing_notes(records: list[Record], metric: str, coords: list[tuple[str, int]], *,
+                   report_dir: Path | None = None) -> list[str]:
     notes = []
     data = next((str((e.get("options") or {}).get("data")) for r in records for e in r.lineage
                  if e.get("command") in ("train", "distill") and (e.get("options") or {}).get("data")), "DATA")
+    if os.path.isabs(data):
+        data = _shown(data, report_dir)
     no_acc = [r for r in records if r.metric(metric) is None]
     if no_acc:
-        files = " ".join(r.path or r.name for r in no_acc)
+        files = " ".join(_shown(r.path, report_dir) if r.path else r.name for r in no_acc)
         notes.append(f"{METRIC_NAMES[metric]} not recorded for {', '.join(r.name for r in no_acc)} (left out of the "
                      f"accuracy plots); measure it with: resopt bench {files} --data {data} --json > bench.json")
     no_lat = [r for r in records if not r.latency]
     if no_lat and coords:
         sizes = ",".join(str(s) for s in sorted({b for _, b in coords}))
+        files_lat = " ".join(_shown(r.path, report_dir) if r.path else r.name for r in no_lat)
         notes.append(f"no latency for {', '.join(r.name for r in no_lat)}; measure it with: resopt bench "
-                     f"{' '.join(r.path or r.name for r in no_lat)} --batch-size {sizes} --json > bench-more.json")
+                     f"{files_lat} --batch-size {sizes} --json > bench-more.json")
     elif not coords:
         notes.append("no bench JSON among the inputs, so no latency columns or plots; measure them with: "
                      "resopt bench FILES... --batch-size 1,32 --data " + data + " --json > bench.json")

@@ -426,7 +426,7 @@ def _save_resume_state(path: Path, cfg: TrainConfig, model: nn.Module, optimizer
              "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
              "best_state": best["state"], "rng_cpu": torch.get_rng_state(), "rng_loader": gen.get_state(),
              "planned_epochs": planned_epochs}
-    with atomic_output(path) as tmp:
+    with atomic_output(path, commit=False) as tmp:  # on the way: an interrupt still stops training
         torch.save(state, tmp)
 
 
