@@ -20,10 +20,12 @@ from resopt.errors import UsageError
     # No calibration, verified on --data: the calibration set is never read.
     (["--mode", "fp16", "--data", "x", "--calib-data", "/does/not/exist", "--num-calib", "7"],
      "Error: --calib-data has no effect: --mode fp16 does not calibrate, and with --data it is verified on the "
-     "--data test split; it is an option of --mode int8, qat, fixed (and of every mode without --data)"),
+     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits (and of every mode without "
+     "--data)"),
     (["--mode", "kmeans", "--data", "x", "--num-calib", "7"],
      "Error: --num-calib has no effect: --mode kmeans does not calibrate, and with --data it is verified on the "
-     "--data test split; it is an option of --mode int8, qat, fixed (and of every mode without --data)"),
+     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits (and of every mode without "
+     "--data)"),
     (["--clusters", "16", "--mode", "int8"],
      "Error: --clusters does not apply to --mode int8; it is an option of --mode kmeans"),
     (["--epochs", "3", "--mode", "int8"],

@@ -65,6 +65,7 @@ class Mode:
     exports_pt: bool = False  # also takes a .pt, exported to FP32 ONNX first
     qdq_int8: bool = False  # writes INT8 Q/DQ: linted against --target, INT8 layers counted per runtime
     lints: Callable[[QuantizeConfig], bool] = _never  # report the Q/DQ lint
+    calibrates_when: str = ""  # when ``calibrates`` depends on an option: which ("with --act-bits")
 
     def own_flags(self) -> tuple[str, ...]:
         return tuple(_flag(f.name) for f in fields(self.options))
@@ -189,7 +190,7 @@ MODES: dict[str, Mode] = {m.name: m for m in (
          produce=_produce_kmeans, exports_pt=True),
     Mode("fixed", FixedOptions, _GUARD, _fixed_calibrates, _fixed_settings, 0.0,
          "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates),
+         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates, calibrates_when="with --act-bits"),
 )}
 
 
@@ -225,7 +226,7 @@ def check_options_apply(cfg: QuantizeConfig, given: Iterable[str]) -> None:
                              f"{', '.join(takers)}",
                              hint=f"drop {flag}, or choose --mode {takers[0]}")
         if flag in CALIB_FLAGS and not cfg.reads_calib_set:
-            takers = [m.name for m in MODES.values() if m.calibrates is not _never]
+            takers = [f"{m.name} {m.calibrates_when}".strip() for m in MODES.values() if m.calibrates is not _never]
             raise UsageError(f"{flag} has no effect: --mode {cfg.mode} does not calibrate, and with --data it is "
                              f"verified on the --data test split; it is an option of --mode {', '.join(takers)} "
                              f"(and of every mode without --data)",

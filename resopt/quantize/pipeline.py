@@ -374,7 +374,9 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
             metrics.update({"parent_top1": parent_acc[0], "parent_top5": parent_acc[1]})
     if lint is not None:
         metrics["int8_mac_fraction"] = round(lint.int8_mac_fraction, 4)
-    options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options}
+    # The gate it passed: --min-agreement is part of what made the file (and is then not silently ignored).
+    options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options,
+               "min_agreement": cfg.agreement_floor()}
     write_quantized(produced.path, output, src.meta, parent=lineage_parent or src.given, options=options,
                     metrics=metrics, quantization={"mode": cfg.mode, **produced.settings})
     result_score = ModelScore(str(output), output.stat().st_size, *((cmp.top1, cmp.top5) if labelled else (None, None)))
