@@ -6,7 +6,6 @@
 #   CIFAR_TAR=FILE         the CIFAR-10 JPEG archive [../../shared/datasets/cifar10-jpeg.tar.gz]
 #   SHARED_MODELS=DIR      the published ResNet-20/56 [../../shared/models]
 #   DEVICE=auto|cpu|cuda   for the commands that train; THREADS=N for bench [all cores]
-SHELL := /bin/bash
 .SECONDEXPANSION:
 .SHELLFLAGS := -euo pipefail -c
 .DELETE_ON_ERROR:
@@ -20,6 +19,9 @@ endif
 pick = $(if $(filter smoke,$(SCALE)),$(1),$(if $(filter cpu,$(SCALE)),$(2),$(3)))
 
 HERE := $(patsubst %/,%,$(dir $(abspath $(lastword $(MAKEFILE_LIST)))))
+# Every recipe line runs through tools/logged-shell, which appends it with its exit code and wall time to
+# STUDY_LOG; the report step copies that log to RESULTS/commands.txt (paths relative to the repository).
+SHELL := $(HERE)/tools/logged-shell
 REPO := $(abspath $(HERE)/..)
 RESOPT ?= $(if $(wildcard $(REPO)/.venv/bin/resopt),$(REPO)/.venv/bin/resopt,resopt)
 PYTHON ?= $(if $(wildcard $(REPO)/.venv/bin/python),$(REPO)/.venv/bin/python,python3)
@@ -29,6 +31,7 @@ R20_SRC ?= $(REPO)/models/resnet20-cifar10-akamaster.th
 R56_SRC ?= $(SHARED_MODELS)/resnet56-4bfd9763.th
 WORK ?= $(HERE)/runs/$(SCALE)
 W := $(WORK)/$(STUDY)
+export STUDY_LOG := $(W)/commands.log
 D := $(WORK)/data/$(STUDY)
 # Keep every artifact, even one only a pattern rule names (resopt writes each atomically).
 .PRECIOUS: $(W)/%.pt $(W)/%.onnx
@@ -110,7 +113,6 @@ $(foreach b,2 3 4 5 6 7 8,$(eval $(call fixed_rule,$(b))))
 # A study sets BENCHED (the files benched; the first is the baseline of the speed-up column), optionally
 # BENCH_EXTRA, REPORTED (more files for the report, e.g. the checkpoints that link the chain), REPORT_EXTRA
 # and RESULT_DEPS (other results the study writes, e.g. a sensitivity table).
-NOREC_MAKE := make
 .DEFAULT_GOAL := all
 .PHONY: all
 all: $(RESULTS)/report.md
@@ -124,6 +126,5 @@ $(RESULTS)/report.md: $(RESULTS)/bench.json $$(REPORTED) $$(RESULT_DEPS)
 	$(RESOPT) report $(BENCHED) $(REPORTED) $< -o $(RESULTS) --title "$(TITLE) (SCALE=$(SCALE))" $(REPORT_EXTRA)
 	$(if $(filter smoke,$(SCALE)),,$(RESOPT) env --json > $(RESULTS)/machine.json)
 	$(if $(filter smoke,$(SCALE)),,COLUMNS=120 $(RESOPT) env > $(RESULTS)/machine.txt 2>&1)
-	$(NOREC_MAKE) --no-print-directory -s -f $(HERE)/$(STUDY).mk -n -B all SCALE=$(SCALE) WORK=$(WORK) \
-	  RESULTS=$(RESULTS) | grep -v '^$(NOREC_MAKE) ' | sed 's#$(REPO)/##g' > $(RESULTS)/commands.txt
+	sed -e 's#$(REPO)/##g' -e 's#$(abspath $(REPO)/..)/shared/#../shared/#g' $(STUDY_LOG) > $(RESULTS)/commands.txt
 	printf 'make -C studies %s SCALE=%s\n' $(STUDY) $(SCALE) > $(RESULTS)/command.txt

@@ -46,4 +46,4 @@ $(ROUND_FILES): $(W)/%.pt: $$(W)/$$(call prev_round,$$*).pt
 	$(RESOPT) prune $< --method l1-struct --layer-ratios $(RATIOS_$(firstword $(subst ., ,$*))) \
 	  --finetune-epochs $(FT_EPOCHS) --lr 0.02 --batch-size $(BATCH) --data $(DATA) $(TRAIN_OPTS) -o $@
 # vgg.r2 -> vgg.r1, vgg.r1 -> vgg
-prev_round = $(firstword $(subst ., ,$(1)))$(if $(filter r1,$(lastword $(subst ., ,$(1)))),,.r$(shell echo $$(( $(subst r,,$(lastword $(subst ., ,$(1)))) - 1 ))))
+prev_round = $(firstword $(subst ., ,$(1)))$(if $(filter r1,$(lastword $(subst ., ,$(1)))),,.r$(word $(subst r,,$(lastword $(subst ., ,$(1)))),0 1 2 3 4 5 6 7 8 9))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -73,8 +74,11 @@ def test_every_study_runs_end_to_end_at_smoke_scale(tmp_path: Path) -> None:
         assert all(m["accuracy"]["top1"] is not None for m in bench["models"]), s
         assert "| 1 |" in report and "(SCALE=smoke)" in report, s
         assert (res / "plots").is_dir() and any((res / "plots").glob("*.png")), s
-        commands = (res / "commands.txt").read_text()
-        assert "resopt bench" in commands or "-m resopt bench" in commands, s
+        # commands.txt is the log of what ran (tools/logged-shell): every line with its exit code and wall time,
+        # the bench and the report among them, all of them exit 0 (the run succeeded).
+        lines = (res / "commands.txt").read_text().splitlines()
+        assert lines and all(re.search(r"\t# exit 0, \d+\.\d s, \d{4}-\d\d-\d\dT", ln) for ln in lines), s
+        assert any("-m resopt bench " in ln for ln in lines) and any("-m resopt report " in ln for ln in lines), s
         assert not (res / "machine.json").exists()  # the machine is recorded for committed (cpu) results only
         # The dependencies are complete: a second run has nothing to do.
         q = _make("-q", "-f", f"{s}.mk", "all", "SCALE=smoke", f"WORK={work}")
