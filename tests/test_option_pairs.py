@@ -75,6 +75,7 @@ PROBES: dict[str, dict[str, Probe]] = {
         "--teacher": P("--teacher", "TEACHER"), "--alpha": P("--alpha", "0.9", ref=("--teacher", "TEACHER")),
         "--temperature": P("--temperature", "2", ref=("--teacher", "TEACHER")),
         "--limit-per-class": P("--limit-per-class", "3"), "--val-split": P("--val-split", "0.2"),
+        "--select": P("--select", "last", ref=("--finetune-epochs", "2")),
         "--batch-size": P("--batch-size", "16"), "--optimizer": P("--optimizer", "adamw"),
         "--momentum": P("--momentum", "0.5"), "--nesterov": either("--nesterov", "--no-nesterov"),
         "--weight-decay": P("--weight-decay", "0.01"), "--warmup-epochs": P("--warmup-epochs", "0.5"),
