@@ -64,6 +64,10 @@ def quantize_cmd(
     max_exclude: Annotated[int | None, typer.Option("--max-exclude", help="Most layers the guard may keep in "
                                                     "FP32 [default: a quarter of them].",
                                                     show_default=False)] = None,
+    ptq: Annotated[str | None, typer.Option("--ptq", help="--mode int8: post-training steps before quantizing, "
+                                            "any of cle,bias-correction,adaround in that order (cross-layer "
+                                            "equalization, bias correction, learned rounding), seeded by --seed.",
+                                            show_default=False)] = None,
     clusters: Annotated[int, typer.Option("--clusters", help="--mode kmeans: shared values per layer "
                                           "(2..256).")] = 256,
     bits: Annotated[int, typer.Option("--bits", help="--mode fixed: weight bits (2..8).")] = 8,
@@ -106,7 +110,7 @@ def quantize_cmd(
                          calib_method=calib_method, per_channel=not per_tensor, reduce_range=reduce_range,
                          seed=seed, data=data, limit_per_class=limit_per_class, min_agreement=min_agreement,
                          exclude=_split(exclude), save_calib=save_calib, max_drop=max_drop,
-                         max_exclude=max_exclude, options=entry.options(**{f.name: values[f.name]
+                         max_exclude=max_exclude, ptq=_split([ptq] if ptq else None), options=entry.options(**{f.name: values[f.name]
                                                                           for f in fields(entry.options)}))
     check_options_apply(cfg, given_flags(ctx))  # an option the mode does not use is an error, not ignored
     result = quantize_model(model, output or default_output(model, f".{mode}.onnx"), cfg)

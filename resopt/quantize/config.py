@@ -98,6 +98,7 @@ class QuantizeConfig:
     save_calib: Path | None = None
     max_drop: float | None = None  # accuracy guard, top-1 points on the --data test split
     max_exclude: int | None = None  # most layers the guard may keep in FP32 (None: a quarter of them)
+    ptq: tuple[str, ...] = ()  # post-training steps before quantizing (resopt.quantize.ptq.PTQ_STEPS)
     options: ModeOptions | None = None
 
     @property
@@ -174,6 +175,10 @@ class QuantizeConfig:
                 raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")
         if self.max_exclude is not None and (self.max_exclude < 0 or self.max_drop is None):
             raise UsageError("--max-exclude bounds the accuracy guard: a number >= 0, with --max-drop")
+        if self.ptq:
+            from resopt.quantize.ptq import parse_ptq
+
+            parse_ptq(self.ptq)
         self.opts.validate(self)
 
     @property

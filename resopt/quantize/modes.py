@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 # (--calib-data, --num-calib, --data, --limit-per-class, --min-agreement, --exclude, --save-calib, --seed) apply
 # to every mode: without --data, every mode is verified on the calibration images.
 SHARED_FIELDS = {"target": "--target", "calib_method": "--calib-method", "per_channel": "--per-tensor",
-                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude"}
+                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude",
+                 "ptq": "--ptq"}
 
 _CALIB_HINT = ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
                "--exclude the sensitive layers, or lower --min-agreement")
@@ -177,7 +178,7 @@ _GUARD = ("--max-drop", "--max-exclude")
 # 90% agreement. Fixed point is a study tool (at 4 bits most predictions change, by design), so it reports
 # without gating. QAT is gated against its fake-quant PyTorch model, which is what its ONNX must reproduce.
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("int8", NoOptions, _INT8_SHARED + _GUARD, _always, _int8_settings, 90.0, _CALIB_HINT,
+    Mode("int8", NoOptions, _INT8_SHARED + _GUARD + ("--ptq",), _always, _int8_settings, 90.0, _CALIB_HINT,
          produce=_produce_int8, qdq_int8=True, lints=_always),
     Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
          _PLAIN_HINT, produce=_produce_dynamic, lints=_always),

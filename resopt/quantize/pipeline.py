@@ -266,12 +266,36 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
     check_excluded_exist(prepped, cfg.exclude)
     produced = Produced(out, mode.settings(cfg, reduce_range), reasons=dict.fromkeys(cfg.exclude, "--exclude"))
     ranges = None
+    if cfg.ptq:  # before calibration: CLE changes the activation ranges
+        prepped = _run_ptq(prepped, src, cfg, cs, reduce_range, produced)
     if cs is not None and mode.calibrates(cfg):
         ranges = q.calibrate(prepped, cs, src.pre, method=cfg.calib_method if mode.takes("--calib-method") else
                              "minmax", symmetric=cfg.target == "trt", workdir=tmp)
         produced.options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
                                  "seed": cfg.seed, "calib_preprocess": src.pre.to_dict()})
     return Job(src, cfg, cs, evals, tmp, prepped, ranges, reduce_range, produced, val_evals)
+
+
+def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, cs: CalibSet | None, reduce_range: bool,
+             produced: Produced) -> Path:
+    """``--ptq``: the float graph rewritten for onnxruntime's int8 weight grid (``resopt.quantize.ptq``)."""
+    import numpy as np
+
+    from resopt.calib import calib_batches
+    from resopt.quantize.ptq import PTQ_IMAGES, WeightGrid, apply_ptq
+
+    images = None
+    if any(s != "cle" for s in cfg.ptq):
+        assert cs is not None
+        images = np.concatenate([x for x, _ in calib_batches(cs, src.pre, batch_size=32, limit=PTQ_IMAGES)])
+    out = prepped.with_name("ptq.onnx")
+    record = apply_ptq(prepped, out, cfg.ptq, WeightGrid(64 if reduce_range else 127, cfg.per_channel), images,
+                       seed=cfg.seed)
+    produced.options["ptq"] = record
+    produced.extra["ptq"] = record
+    log(f"--ptq {','.join(cfg.ptq)}: done" + (f" on {record['images']} calibration images" if images is not None
+                                              else ""))
+    return out
 
 
 def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: QuantizeConfig,
