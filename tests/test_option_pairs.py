@@ -55,7 +55,8 @@ PROBES: dict[str, dict[str, Probe]] = {
     "quantize": {
         "--output": P("-o", "other.onnx"), "--target": P("--target", "trt"), "--calib-data": P("--calib-data", "D2"),
         "--num-calib": P("--num-calib", "16"), "--calib-method": P("--calib-method", "percentile"),
-        "--per-tensor": P("--per-tensor"), "--ptq": P("--ptq", "cle"), "--reduce-range": either("--reduce-range", "--no-reduce-range"),
+        "--per-tensor": P("--per-tensor"), "--ptq": P("--ptq", "cle"),
+        "--reduce-range": either("--reduce-range", "--no-reduce-range"),
         "--exclude": P("--exclude", "FIRST_CONV"), "--data": P("--data", "D2"),
         "--limit-per-class": P("--limit-per-class", "4"), "--min-agreement": P("--min-agreement", "100"),
         "--save-calib": P("--save-calib", "calib.npz"), "--max-drop": P("--max-drop", "0.5"),
