@@ -71,7 +71,7 @@ PROBES: dict[str, dict[str, Probe]] = {
         "--target-macs": P("--target-macs", "0.6", drop=("--sparsity",)), "--global": P("--global"),
         "--iterative": P("--iterative"), "--steps": P("--steps", "3", ref=("--iterative",)),
         "--round-to": P("--round-to", "8"), "--layer-ratios": P("--layer-ratios", "0.2,0.3,0.4", drop=("--sparsity",)),
-        "--analyze-ratios": P("--analyze-ratios", "0.5"), "--analyze-images": P("--analyze-images", "20"),
+        "--analyze-ratios": P("--analyze-ratios", "0.5"), "--analyze-images": P("--analyze-images", "40"),
         "--finetune-epochs": P("--finetune-epochs", "2"), "--lr": P("--lr", "0.05"),
         "--teacher": P("--teacher", "TEACHER"), "--alpha": P("--alpha", "0.9", ref=("--teacher", "TEACHER")),
         "--temperature": P("--temperature", "2", ref=("--teacher", "TEACHER")),
@@ -311,23 +311,28 @@ def test_quantize_every_option_takes_effect_or_is_refused(trained_pt: Path, r20_
         model = trained_pt if MODES[mode].from_checkpoint is not None else r20_onnx_session
         values["FIRST_CONV"] = first_conv[ts if model == trained_pt else r20_onnx_session]
         extra = ["--epochs", "1"] if mode == "qat" else []
+        # The 3-epoch session model agrees with its INT8 child on unseen images less often than the default
+        # gate asks; the gate is not what this test proves (--min-agreement's own probe is 100).
         return ["quantize", str(model), "-o", "out.onnx", "--mode", mode, "--data", str(d),
-                "--limit-per-class", "6", *extra]
+                "--limit-per-class", "6", "--min-agreement", "50", *extra]
 
     runner = Runner(tmp_path, values, show_stdout=False)
     _report("quantize", _check_command("quantize", base, runner), record_property)
 
 
 def test_prune_every_option_takes_effect_or_is_refused(trained_pt: Path, pair_data: tuple[Path, Path],
-                                                       tmp_path: Path, record_property: Any) -> None:
+                                                       cifar_small: Path, tmp_path: Path,
+                                                       record_property: Any) -> None:
     from resopt.prune import METHOD_TABLE
 
     d, d2 = pair_data
 
     def base(mode: str) -> list[str]:
         if mode.startswith("analyze:"):
-            return ["prune", str(trained_pt), "--analyze", "--method", mode.split(":", 1)[1], "--data", str(d),
-                    "--sparsity", "0.3", "--analyze-images", "40", "--analyze-ratios", "0.25,0.75"]
+            # On the model's own data, whose validation split (4 images per class) is larger than the 2 per
+            # class measured, so --analyze-images, --limit-per-class and --seed each change which are measured.
+            return ["prune", str(trained_pt), "--analyze", "--method", mode.split(":", 1)[1], "--data",
+                    str(cifar_small), "--sparsity", "0.3", "--analyze-images", "20", "--analyze-ratios", "0.25,0.75"]
         amount = ["--sparsity", "0.3"] if "--sparsity" in METHOD_TABLE[mode].takes else []
         return ["prune", str(trained_pt), "-o", "out.pt", "--method", mode, "--data", str(d),
                 "--finetune-epochs", "1", "--limit-per-class", "6", *amount]
