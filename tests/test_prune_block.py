@@ -77,7 +77,8 @@ def test_block_prune_exports_quantizes_and_composes(cli, trained_pt: Path, cifar
     assert r.code == 0 and "prune" in r.stdout, r.stderr
 
     # Then channel pruning of the block-pruned model: the depths stay, the widths shrink.
-    d2 = _prune(cli, out, cifar_small, tmp_path / "b3.c.pt", "--sparsity", "0.5", "--finetune-epochs", "1", "--no-distill")
+    d2 = _prune(cli, out, cifar_small, tmp_path / "b3.c.pt", "--sparsity", "0.5", "--finetune-epochs", "1",
+                "--no-distill")
     ckpt2 = torch.load(tmp_path / "b3.c.pt", map_location="cpu", weights_only=True)
     assert ckpt2["arch_kwargs"]["blocks"] == depths and ckpt2["widths"]["layer1.0.conv1"] == [4, 4, 1]
     assert d2["after"]["macs"] < 0.3 * d["after"]["macs"] and d2["teacher"] is None
