@@ -98,6 +98,7 @@ def measure_accuracy(planned: list[Planned], workers: list[Worker], data: str, c
                 batch, truth = images.numpy(), labels.numpy()
                 for i in rows:
                     logits = workers[i].request("infer", batch)[1]
+                    # NaN logits still yield an argmax (class 0): count them so top-1 is not taken at face value.
                     counts[i].nonfinite += int((~np.isfinite(logits)).any(axis=1).sum())
                     counts[i].update(logits, truth)
                     bar.advance(1)
