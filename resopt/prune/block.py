@@ -45,19 +45,13 @@ def removable_blocks(model: nn.Module) -> list[tuple[str, int, int]]:
 
 def _evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, device: str,
               batch: int = 256) -> tuple[float, float]:
-    """Mean cross-entropy and top-1 (%) of ``model`` on the stacked images."""
+    """Mean cross-entropy and top-1 (%) of ``model`` on the stacked images (``train.evaluate`` over them)."""
     import torch
-    import torch.nn.functional as F
 
-    loss = correct = 0.0
-    with torch.no_grad():
-        for k in range(0, len(labels), batch):
-            x, y = images[k:k + batch].to(device), labels[k:k + batch].to(device)
-            logits = model(x).float()
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += float((logits.argmax(1) == y).sum())
-    n = max(1, len(labels))
-    return loss / n, 100.0 * correct / n
+    from resopt.train import evaluate
+
+    acc = evaluate(model, zip(images.split(batch), labels.split(batch), strict=True), torch.device(device))
+    return acc.loss, acc.top1
 
 
 def score_blocks(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, input_size: int,
