@@ -19,6 +19,23 @@ def _floats(option: str, text: str) -> tuple[float, ...]:
         raise UsageError(f"{option} {text!r} is not a comma-separated list of numbers") from None
 
 
+def _ints(option: str, text: str) -> tuple[int, ...]:
+    from resopt.errors import UsageError
+
+    try:
+        return tuple(dict.fromkeys(int(x) for x in _names(text)))
+    except ValueError:
+        raise UsageError(f"{option} {text!r} is not a comma-separated list of integers") from None
+
+
+def _switch(option: str, text: str) -> bool:
+    from resopt.errors import choice_error
+
+    if text not in ("on", "off"):
+        raise choice_error(option.lstrip("-"), text, ("on", "off"))
+    return text == "on"
+
+
 def _names(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(x.strip() for x in text.split(",") if x.strip()))
 
@@ -65,6 +82,10 @@ def optimize_cmd(
                                                     "the parent's MACs to keep (0.5,0.7).", show_default=False)] = None,
     finetune_epochs: Annotated[str, typer.Option("--finetune-epochs", help="Fine-tuning epochs after pruning "
                                                  "to try.")] = "0,1",
+    blocks: Annotated[str, typer.Option("--blocks", help="Residual block counts block pruning removes, to try "
+                                        "(\"\": no block pruning).")] = "1,2",
+    distill: Annotated[str, typer.Option("--distill", help="Fine-tuning to try after pruning: on (distil from the "
+                                         "parent), off (labels alone), or both.")] = "on,off",
     quantize: Annotated[str, typer.Option("--quantize", help="Quantization to try: none (FP32), fp16, int8.")]
     = "none,fp16,int8",
     calib_methods: Annotated[str, typer.Option("--calib-methods", help="INT8 calibration methods to try.")]
@@ -116,14 +137,10 @@ def optimize_cmd(
             raise UsageError("optimize needs --data: val top-1 chooses, test reports, INT8 calibrates on it",
                              hint="resopt optimize r20.pt --data examples/cifar10-mini -o r20-opt/")
         data = found[0]
-    try:
-        epochs = tuple(int(x) for x in _names(finetune_epochs))
-    except ValueError:
-        from resopt.errors import UsageError
-
-        raise UsageError(f"--finetune-epochs {finetune_epochs!r} is not a comma-separated list of integers") \
-            from None
-    space = Space(prune_ratios=_floats("--prune-ratios", prune_ratios),
+    epochs = _ints("--finetune-epochs", finetune_epochs)
+    block_counts = _ints("--blocks", blocks)
+    distill_choices = tuple(_switch("--distill", x) for x in _names(distill))
+    space = Space(prune_ratios=_floats("--prune-ratios", prune_ratios), blocks=block_counts, distill=distill_choices,
                   target_macs=_floats("--target-macs", target_macs) if target_macs else (), finetune_epochs=epochs,
                   quant_modes=_names(quantize), calib_methods=_names(calib_methods),
                   runtimes=_names(runtime if runtime is not None else _default_runtimes()))

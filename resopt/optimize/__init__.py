@@ -112,6 +112,11 @@ class OptimizeConfig:
         for e in self.space.finetune_epochs:
             if e < 0:
                 raise UsageError(f"--finetune-epochs must be >= 0, got {e}")
+        for n in self.space.blocks:
+            if n < 1:
+                raise UsageError(f"--blocks must be at least 1, got {n}")
+        if not self.space.distill:
+            raise UsageError("--distill needs on, off or on,off")
         if not self.space.quant_modes or not self.space.calib_methods or not self.space.finetune_epochs:
             raise UsageError("--quantize, --calib-methods and --finetune-epochs need at least one value each")
         if self.bench.batch_size < 1:

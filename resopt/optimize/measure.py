@@ -77,10 +77,14 @@ def val_top1(path: Path, runtime: str | None, *, data: str, limit_per_class: int
              threads: int | None = None) -> tuple[float, int]:
     """top-1 (percent) and image count of ``path`` run on ``runtime`` on the validation split recorded in its
     lineage (``resopt.data.splits``): what every choice of the search is made on; never the test split."""
-    from resopt.backends import evaluate_runner, open_runner
+    import numpy as np
+
+    from resopt.backends import open_runner
+    from resopt.data import make_loader
     from resopt.data.splits import load_val_set
     from resopt.errors import InputFileError
     from resopt.kinds import read_artifact_info
+    from resopt.metrics import TopK
 
     info = read_artifact_info(path)
     if info.preprocess is None:
@@ -88,10 +92,19 @@ def val_top1(path: Path, runtime: str | None, *, data: str, limit_per_class: int
                              hint="export it with `resopt export`, or stamp it with `resopt import`")
     dataset, _ = load_val_set(data, info.preprocess, lineage=info.lineage, per_class=limit_per_class, seed=seed)
     runner = open_runner(path, runtime=runtime, threads=threads)
+    acc = TopK()
     try:
-        acc = evaluate_runner(runner, dataset)
+        batch_size = min(256, runner.max_batch or 256)
+        for images, labels in make_loader(dataset, batch_size, shuffle=False, workers=0):
+            logits = runner.infer(images.numpy())
+            # NaN logits still yield an argmax (class 0): a file whose outputs are not finite has no top-1.
+            acc.nonfinite += int((~np.isfinite(logits)).any(axis=1).sum())
+            acc.update(logits, labels.numpy())
     finally:
         runner.close()
+    if acc.nonfinite:
+        raise InputFileError(f"{path.name}: {acc.nonfinite} of {acc.n} outputs on val are NaN or infinite; "
+                             f"its top-1 is meaningless")
     d = acc.as_dict()
     return float(d["top1"]), int(d["images"])
 

@@ -4,8 +4,8 @@ A trial walks ``STEPS`` in order. Each step applies to the kind of file the chai
 to a ``.pt``, export turns it into an ``.onnx``, quantize takes the ``.onnx``), and the trial picks one of the
 step's recipes. A recipe is one record: the options it samples from the ``Space`` the user gave, the resopt
 library call that produces its output (``None``: the step passes its input through), and the plain ``resopt``
-command line that does the same, for ``commands.sh``. A new pruning method (block removal, a latency target)
-or a new quantization mode is one more ``Recipe`` in its step's tuple; nothing else branches on the names.
+command line that does the same, for ``commands.sh``. A new pruning method (as block removal was, or a latency
+target) or a new quantization mode is one more ``Recipe`` in its step's tuple; nothing else branches on the names.
 
 The runtime the final ``.onnx`` is measured on is sampled last, from ``Space.runtimes`` (bench's runtime table).
 """
@@ -32,6 +32,8 @@ class Space:
     prune_ratios: tuple[float, ...] = (0.25, 0.5)
     target_macs: tuple[float, ...] = ()  # given: channel pruning searches MACs targets instead of ratios
     finetune_epochs: tuple[int, ...] = (0, 1)
+    blocks: tuple[int, ...] = (1, 2)  # residual blocks block pruning removes; () : no block pruning
+    distill: tuple[bool, ...] = (True, False)  # fine-tuning distils from the parent, or learns the labels alone
     quant_modes: tuple[str, ...] = ("none", "fp16", "int8")
     calib_methods: tuple[str, ...] = ("minmax", "entropy", "percentile")
     per_channel: tuple[bool, ...] = (True, False)
@@ -96,6 +98,15 @@ def _none(trial: Suggests, space: Space) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------ prune
 
 
+def _sample_finetune(trial: Suggests, space: Space, method: str) -> dict[str, Any]:
+    """Fine-tuning epochs, and with any: distillation from the parent or the labels alone."""
+    opts: dict[str, Any] = {"finetune_epochs": int(trial.suggest_categorical(f"prune.{method}.finetune_epochs",
+                                                                             list(space.finetune_epochs)))}
+    if opts["finetune_epochs"] > 0:
+        opts["distill"] = bool(trial.suggest_categorical(f"prune.{method}.distill", list(space.distill)))
+    return opts
+
+
 def _sample_channel(method: str) -> Callable[[Suggests, Space], dict[str, Any]]:
     def sample(trial: Suggests, space: Space) -> dict[str, Any]:
         opts: dict[str, Any] = {"method": method}
@@ -104,10 +115,13 @@ def _sample_channel(method: str) -> Callable[[Suggests, Space], dict[str, Any]]:
                                                                   list(space.target_macs)))
         else:
             opts["sparsity"] = float(trial.suggest_categorical(f"prune.{method}.sparsity", list(space.prune_ratios)))
-        opts["finetune_epochs"] = int(trial.suggest_categorical(f"prune.{method}.finetune_epochs",
-                                                                list(space.finetune_epochs)))
-        return opts
+        return {**opts, **_sample_finetune(trial, space, method)}
     return sample
+
+
+def _sample_block(trial: Suggests, space: Space) -> dict[str, Any]:
+    return {"method": "block", "blocks": int(trial.suggest_categorical("prune.block.blocks", list(space.blocks))),
+            **_sample_finetune(trial, space, "block")}
 
 
 def _produce_prune(parent: Path, output: Path, opts: dict[str, Any], ctx: Context) -> None:
@@ -116,7 +130,7 @@ def _produce_prune(parent: Path, output: Path, opts: dict[str, Any], ctx: Contex
 
     ft = int(opts["finetune_epochs"])
     cfg = PruneConfig(method=opts["method"], sparsity=opts.get("sparsity"), target_macs=opts.get("target_macs"),
-                      finetune_epochs=ft)
+                      blocks=opts.get("blocks"), finetune_epochs=ft, distill=bool(opts.get("distill", True)))
     # The fine-tuning settings are `resopt prune`'s defaults except those named in _prune_command, so that the
     # command in commands.sh reproduces this call.
     train = TrainConfig(epochs=max(1, ft), batch_size=ctx.batch_size, lr=ctx.lr, warmup_epochs=0.0, seed=ctx.seed,
@@ -127,9 +141,10 @@ def _produce_prune(parent: Path, output: Path, opts: dict[str, Any], ctx: Contex
 
 def _prune_command(parent: Path, output: Path, opts: dict[str, Any], ctx: Context) -> list[str]:
     amount = ["--target-macs", str(opts["target_macs"])] if "target_macs" in opts else \
-        ["--sparsity", str(opts["sparsity"])]
+        ["--blocks", str(opts["blocks"])] if "blocks" in opts else ["--sparsity", str(opts["sparsity"])]
+    distill = [] if opts.get("distill", True) else ["--no-distill"]
     return ["resopt", "prune", str(parent), "--method", opts["method"], *amount, "--finetune-epochs",
-            str(opts["finetune_epochs"]), "--lr", str(ctx.lr), "--batch-size", str(ctx.batch_size), "--seed",
+            str(opts["finetune_epochs"]), *distill, "--lr", str(ctx.lr), "--batch-size", str(ctx.batch_size), "--seed",
             str(ctx.seed), "--device", ctx.device, *ctx.data_flags(), "-o", str(output)]
 
 
@@ -188,6 +203,7 @@ STEPS: tuple[Step, ...] = (
     Step("prune", ("pt",), (
         Recipe(NO_STEP, _none, None, None),
         Recipe("l1-struct", _sample_channel("l1-struct"), _produce_prune, _prune_command, ".pt"),
+        Recipe("block", _sample_block, _produce_prune, _prune_command, ".pt", offered=lambda s: bool(s.blocks)),
     )),
     Step("export", ("pt",), (
         Recipe("onnx", _none, _produce_export, _export_command, ".onnx"),
