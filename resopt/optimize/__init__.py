@@ -163,6 +163,15 @@ class Session:
     facts: dict[str, Any]
     key: str
 
+    @property
+    def ask_lock(self) -> Path:
+        """The lock file of ``study.study_lock`` where the storage has no lock of its own: next to a journal
+        file (every process of the study reaches it), else in DIR's cache (the processes of this DIR)."""
+        if self.cfg.storage is not None and "://" not in self.cfg.storage:
+            journal = Path(self.cfg.storage)
+            return journal.with_name(f".{journal.name}.ask.lock")
+        return self.cache.root / "ask.lock"
+
 
 def _state_file_check(cfg: OptimizeConfig, url: str) -> None:
     """A DIR holds one study: refuse another study or storage there."""
@@ -184,6 +193,8 @@ def _open(cfg: OptimizeConfig, model: Path, *, claim: bool) -> Session:
     from resopt.optimize.study import check_model, open_storage, open_study
 
     require_regular(model, "model")
+    # Absolute: distillation names the parent in the lineage, and commands.sh runs from any folder.
+    model = model.resolve()
     kind = artifact_kind(model)
     if kind not in ("pt", "onnx"):
         raise InputFileError(f"{model} is a .{kind} file; optimize takes a .pt checkpoint or an .onnx model")
@@ -261,7 +272,7 @@ def run_trial(s: Session, trial: Any) -> tuple[float, float, int]:
                             threads=cfg.bench.threads), strict=True)))
     size = path.stat().st_size
     intervals: list[list[float]] = []
-    lat = measure_latency(path, runtime, cfg.bench, lock=lock_path(s.cache.root), intervals=intervals)
+    lat = measure_latency(path, runtime, cfg.bench, lock=lock_path(), intervals=intervals)
     drop = s.parent_val - float(val["val_top1"])
     constraints = [drop - cfg.max_drop if cfg.max_drop is not None else 0.0,
                    size / 1e6 - cfg.max_size if cfg.max_size is not None else 0.0,
@@ -281,7 +292,7 @@ def work(cfg: OptimizeConfig, model: Path, *, worker: int = 0, session: Session 
     from optuna.trial import TrialState
 
     from resopt.optimize.outputs import best_so_far
-    from resopt.optimize.study import ask_lock, fail_dead_trials, heartbeat, process_started, requeue
+    from resopt.optimize.study import fail_dead_trials, heartbeat, process_started, requeue, study_lock
 
     s = session or _open(cfg, model, claim=False)
     t_start = started if started is not None else time.time()
@@ -289,7 +300,7 @@ def work(cfg: OptimizeConfig, model: Path, *, worker: int = 0, session: Session 
     done = failed = 0
     pid_started = process_started()
     while True:
-        with ask_lock(s.cache.root / "ask.lock"):
+        with study_lock(s.storage, cfg.study, s.ask_lock):
             retried = fail_dead_trials(s.study, s.storage, s.heartbeat)
             if retried:
                 log(f"optimize: trial{'s' * (len(retried) > 1)} {', '.join(f'#{n}' for n in retried)} lost "

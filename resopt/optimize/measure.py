@@ -23,10 +23,14 @@ from pathlib import Path
 from typing import Any
 
 
-def lock_path(cache_dir: Path) -> Path:
-    """The per-host lock file: in the study's cache, named after the host, so that workers of one study on
-    several machines sharing a file system only wait for the others on their own machine."""
-    return Path(cache_dir) / f"bench.{platform.node() or 'localhost'}.lock"
+def lock_path() -> Path:
+    """The per-host lock file, in the host's temporary folder (``$TMPDIR``, else /tmp): every resopt optimize
+    process on this machine waits for it, whatever study or DIR it works on, and workers on other machines
+    (a shared DIR on a network file system included) never wait for it. ``RESOPT_BENCH_LOCK`` overrides it.
+    It stays in place between runs (removing a lock file another process holds would break the lock)."""
+    import tempfile
+
+    return Path(os.environ.get("RESOPT_BENCH_LOCK") or Path(tempfile.gettempdir()) / ".resopt-bench.lock")
 
 
 @contextlib.contextmanager
@@ -34,6 +38,8 @@ def bench_lock(path: Path, intervals: list[list[float]]) -> Iterator[None]:
     """Hold the exclusive lock; append ``[acquired, released]`` (wall-clock seconds) to ``intervals``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+") as f:
+        with contextlib.suppress(OSError):  # another user's resopt on this host takes the same lock
+            os.chmod(path, 0o666)
         fcntl.flock(f, fcntl.LOCK_EX)
         t0 = time.time()
         try:

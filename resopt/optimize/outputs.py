@@ -86,8 +86,9 @@ def _slug(t: Any) -> str:
         if p["recipe"] == "none" or p["step"] == "export":
             continue
         if p["step"] == "prune":
-            amount = f"m{o['target_macs']:g}" if "target_macs" in o else f"s{o['sparsity']:g}"
-            parts.append(f"{p['recipe']}-{amount}-ft{o['finetune_epochs']}")
+            amount = f"m{o['target_macs']:g}" if "target_macs" in o else f"b{o['blocks']}" if "blocks" in o \
+                else f"s{o['sparsity']:g}"
+            parts.append(f"{p['recipe']}-{amount}-ft{o['finetune_epochs']}" + ("-nokd" * (o.get("distill") is False)))
         elif p["recipe"] == "int8":
             parts.append(f"int8-{'pc' if o['per_channel'] else 'pt'}-{o['calib_method']}")
         else:
@@ -257,7 +258,7 @@ def _measure_test(s: Session, front: list[Any]) -> tuple[dict[int, float | None]
     for runtime, group in by_runtime.items():
         paths = [out / "pareto" / _name(t) for t in group]
         intervals: list[list[float]] = []
-        with bench_lock(lock_path(s.cache.root), intervals):
+        with bench_lock(lock_path(), intervals):
             report = bench_models(paths, cfg.bench.config(runtime, data=cfg.data, limit_per_class=cfg.limit_per_class))
         doc = report.to_dict()
         for t, row in zip(group, doc["models"], strict=True):

@@ -73,9 +73,11 @@ def open_storage(spec: str | None, out_dir: Path) -> tuple[Any, str, bool]:
     try:
         storage = RDBStorage(spec, heartbeat_interval=HEARTBEAT_SECONDS, grace_period=GRACE_SECONDS,
                              heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=3), **kwargs)
-    except ModuleNotFoundError as e:
-        raise MissingDependencyError(f"--storage {_shown(spec)} needs the database driver {e.name!r}",
-                                     hint="pip install psycopg2-binary (PostgreSQL) or pymysql (MySQL)") from None
+    except ImportError as e:  # Optuna re-raises SQLAlchemy's missing driver as a plain ImportError
+        cause = e.__cause__ if isinstance(e.__cause__, ModuleNotFoundError) else e
+        name = getattr(cause, "name", None) or "for this URL"
+        raise MissingDependencyError(f"--storage {_shown(spec)} needs the database driver {name!r}",
+                                     hint="pip install 'psycopg[binary]' (PostgreSQL) or pymysql (MySQL)") from None
     except Exception as e:  # sqlalchemy's OperationalError / ArgumentError: unreachable, refused, malformed
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UsageError(f"--storage {_shown(spec)} cannot be reached: {first[:200]}",
@@ -199,6 +201,37 @@ def ask_lock(path: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def study_lock(storage: Any, study_name: str, path: Path) -> Iterator[None]:
+    """``ask_lock`` for every process of the study: on PostgreSQL a session advisory lock (MySQL: GET_LOCK)
+    named after the study, so that workers on several machines count and ask one at a time too; on SQLite or
+    a journal file, the lock file ``path``."""
+    engine = getattr(storage, "engine", None)
+    dialect = getattr(getattr(engine, "dialect", None), "name", "")
+    if engine is None or dialect not in ("postgresql", "mysql"):
+        with ask_lock(path):
+            yield
+        return
+    import hashlib
+
+    from sqlalchemy import text
+
+    name = f"resopt-optimize-ask:{study_name}"
+    key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+    with engine.connect() as conn:
+        if dialect == "postgresql":
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        else:
+            conn.execute(text("SELECT GET_LOCK(:n, -1)"), {"n": name[:64]})
+        try:
+            yield
+        finally:
+            if dialect == "postgresql":
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            else:
+                conn.execute(text("SELECT RELEASE_LOCK(:n)"), {"n": name[:64]})
 
 
 def process_started() -> float:
