@@ -198,6 +198,12 @@ def _open(cfg: OptimizeConfig, model: Path, *, claim: bool) -> Session:
     kind = artifact_kind(model)
     if kind not in ("pt", "onnx"):
         raise InputFileError(f"{model} is a .{kind} file; optimize takes a .pt checkpoint or an .onnx model")
+    # Read the model before DIR or the study exist: a file that is not one resopt can measure leaves nothing.
+    from resopt.kinds import read_artifact_info
+
+    if read_artifact_info(model).preprocess is None:
+        raise InputFileError(f"{model} records no preprocessing; optimize cannot measure its top-1",
+                             hint="export it with `resopt export`, or stamp it with `resopt import`")
     sha = sha256_file(model)
     out = cfg.out_dir
     if out.exists() and not out.is_dir():
