@@ -2,7 +2,8 @@
 # The main job, from a real converged model: import the published CIFAR-10 ResNet-20 shipped in models/
 # (akamaster/pytorch_resnet_cifar10, BSD-2-Clause), prune it with fine-tuning (distilled from its own
 # parent), export both to ONNX, quantize both to INT8, and compare parent vs pruned vs INT8 vs pruned +
-# INT8 in one table on the 500 test JPEGs shipped in examples/. No network needed.
+# INT8 in one table on the 500 test JPEGs shipped in examples/, then a short `resopt optimize` search over the
+# same steps. No network needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/demo}
@@ -29,5 +30,13 @@ resopt info "$OUT/r20.pruned.int8.onnx"
 # The table and plots of the whole run (REPORT=docs/demo regenerates the README's images).
 resopt report "$OUT" "$OUT/bench.json" -o "${REPORT:-$OUT/report}" \
   --title "make demo: imported ResNet-20, pruned and quantized, on cifar10-mini"
+
+# Last, the search the steps above are one hand-picked point of: `resopt optimize` tries pruning (channels or
+# whole blocks, fine-tuned with or without the parent distilling) x quantization x runtime, measured here, and
+# keeps the Pareto front (val top-1 vs latency vs size) and the fastest file within 5 val points. A short run:
+# 8 trials on 40 images per class; OPT_TRIALS=40 searches longer, and re-running it resumes the same study.
+resopt optimize "$OUT/r20.pt" --data "$DATA" --trials "${OPT_TRIALS:-8}" --limit-per-class 40 --prune-ratios 0.25 \
+  --blocks 1 --finetune-epochs 2 --quantize none,int8 --calib-methods minmax --batch-size 32 --min-time 0.2 \
+  --rounds 2 --max-drop 5 --objective latency -o "${OPT_OUT:-$OUT/optimize}"
 
 echo "demo finished in $(( $(date +%s) - start )) s; artifacts in $OUT/" >&2

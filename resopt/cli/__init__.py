@@ -27,6 +27,7 @@ COMMANDS: list[tuple[str, str, str]] = [
     ("build", "resopt.cli.build", "build_cmd"),
     ("bench", "resopt.cli.bench", "bench_cmd"),
     ("report", "resopt.cli.report", "report_cmd"),
+    ("optimize", "resopt.cli.optimize", "optimize_cmd"),
     ("info", "resopt.cli.info", "info_cmd"),
     ("env", "resopt.cli.env", "env_cmd"),
 ]
