@@ -35,8 +35,16 @@ resopt report "$OUT" "$OUT/bench.json" -o "${REPORT:-$OUT/report}" \
 # whole blocks, fine-tuned with or without the parent distilling) x quantization x runtime, measured here, and
 # keeps the Pareto front (val top-1 vs latency vs size) and the fastest file within 5 val points. A short run:
 # 8 trials on 40 images per class; OPT_TRIALS=40 searches longer, and re-running it resumes the same study.
-resopt optimize "$OUT/r20.pt" --data "$DATA" --trials "${OPT_TRIALS:-8}" --limit-per-class 40 --prune-ratios 0.25 \
+COLUMNS=${COLUMNS:-120} resopt optimize "$OUT/r20.pt" --data "$DATA" --trials "${OPT_TRIALS:-8}" --limit-per-class 40 --prune-ratios 0.25 \
   --blocks 1 --finetune-epochs 2 --quantize none,int8 --calib-methods minmax --batch-size 32 --min-time 0.2 \
-  --rounds 2 --max-drop 5 --objective latency -o "${OPT_OUT:-$OUT/optimize}"
+  --rounds 2 --max-drop 5 --objective latency -o "${OPT_OUT:-$OUT/optimize}" | tee "$OUT/optimize.txt"
+# OPT_DOCS=docs/optimize copies the search's text results there (the README's front), with this folder's path
+# taken out: the commands name the model as runs/demo/r20.pt, relative to the repository.
+if [[ -n "${OPT_DOCS:-}" ]]; then
+  mkdir -p "$OPT_DOCS"
+  for f in "$OUT/optimize.txt" "${OPT_OUT:-$OUT/optimize}"/{trials.csv,best.json,commands.sh,report.md}; do
+    sed -e "s#$PWD/##g" "$f" > "$OPT_DOCS/$(basename "${f/optimize.txt/front.txt}")"
+  done
+fi
 
 echo "demo finished in $(( $(date +%s) - start )) s; artifacts in $OUT/" >&2
