@@ -45,6 +45,9 @@ class Work:
     notes: list[str] = field(default_factory=list)
     fits: list[FitResult] = field(default_factory=list)
     probe: Callable[[], Any] | None = None  # a few evaluation images (sfp checks the channels it removes on them)
+    # --target-latency / --latency-ms: the predictor chosen against, the unpruned parent (measured against the
+    # result) and the prediction for the chosen ratio (resopt.latency).
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def finetuned(self, description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         fit_result = self.fine_tune(description, hooks)
@@ -68,8 +71,53 @@ def plan_structured(work: Work) -> tuple[Any, list[Any]]:
         log(f"--target-macs {cfg.target_macs:g}: channel ratio {ratio:.4f} leaves {macs / work.parent_macs:.3f} "
             f"of the MACs")
         plan = replace(plan, ratio=ratio)
+    if cfg.latency_target:
+        plan = replace(plan, ratio=search_latency_ratio(work, plan, groups))
     work.ratio = None if cfg.layer_ratios else plan.ratio
     return plan, groups
+
+
+def search_latency_ratio(work: Work, plan: Any, groups: list[Any], *, tolerance: float = 0.005) -> float:
+    """The smallest channel ratio whose one-shot prune is predicted to run within the latency target, against
+    this machine's latency table for the parent (``resopt.latency``; measured now unless cached)."""
+    import copy
+
+    from resopt.latency import Timing, build_predictor, describe_model
+    from resopt.prune import DEFAULT_LATENCY_BATCH, DEFAULT_RUNTIME
+    from resopt.prune.structured import MAX_RATIO, prune_once
+
+    cfg, model = work.cfg, work.model
+    runtime, precision = cfg.runtime or DEFAULT_RUNTIME, cfg.precision or "f32"
+    predictor = build_predictor(model, work.input_size, runtime=runtime, precision=precision,
+                                batch=cfg.latency_batch or DEFAULT_LATENCY_BATCH, round_to=plan.round_to,
+                                timing=Timing.from_env())
+    target = cfg.latency_ms if cfg.latency_ms is not None else (cfg.target_latency or 0.0) * predictor.parent_ms
+    asked = f"--latency-ms {cfg.latency_ms:g}" if cfg.latency_ms is not None else \
+        f"--target-latency {cfg.target_latency:g}"
+
+    def predicted(ratio: float) -> float:
+        probe = copy.deepcopy(model)
+        prune_once(probe, replace(plan, ratio=ratio), groups, work.input_size)
+        return predictor.predict(describe_model(probe, work.input_size))
+
+    lo, hi = 0.0, MAX_RATIO
+    at_hi = predicted(hi)
+    if at_hi > target:
+        raise UsageError(f"{asked} is out of reach: channel pruning up to {MAX_RATIO:.0%} is predicted to leave "
+                         f"{at_hi:.3g} ms ({at_hi / predictor.parent_ms:.2f}x of the parent's measured "
+                         f"{predictor.parent_ms:.3g} ms) on {runtime} {precision}",
+                         hint="ask for a larger fraction (stem, head and per-call costs stay)")
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        at_mid = predicted(mid)
+        if at_mid <= target:
+            hi, at_hi = mid, at_mid
+        else:
+            lo = mid
+    log(f"{asked}: channel ratio {hi:.4f}, predicted {at_hi:.3g} ms per batch of {predictor.table.key.batch} "
+        f"({at_hi / predictor.parent_ms:.2f}x of the parent's measured {predictor.parent_ms:.3g} ms)")
+    work.latency = {"predictor": predictor, "parent": copy.deepcopy(model), "predicted_ms": at_hi}
+    return hi
 
 
 def step_row(work: Work, step: int, top1_pruned: float, fit_result: FitResult | None) -> dict[str, Any]:
@@ -171,7 +219,8 @@ def run_24(work: Work) -> None:
 # method (the fine-tuning, data and output options).
 METHOD_FIELDS = {"sparsity": "--sparsity", "target_macs": "--target-macs", "global_": "--global",
                  "iterative": "--iterative", "steps": "--steps", "round_to": "--round-to",
-                 "layer_ratios": "--layer-ratios"}
+                 "layer_ratios": "--layer-ratios", "target_latency": "--target-latency", "latency_ms": "--latency-ms",
+                 "runtime": "--runtime", "precision": "--precision", "latency_batch": "--latency-batch"}
 
 
 @dataclass(frozen=True)
@@ -195,8 +244,9 @@ class Method:
                              hint=f"e.g. {self.amount[0]} 0.5" if self.amount[0] == "--sparsity" else None)
 
 
-_STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios")
-_STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios")
+_LATENCY = ("--target-latency", "--latency-ms", "--runtime", "--precision", "--latency-batch")
+_STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios") + _LATENCY
+_STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios", "--target-latency", "--latency-ms")
 
 METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("l1-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
