@@ -21,10 +21,9 @@ import datetime as dt
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from dataclasses import asdict
 
 from _table import REPO, Table, write_result
 

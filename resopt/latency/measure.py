@@ -69,6 +69,21 @@ def check_measured(runtime: str, precision: str) -> tuple[str, dict[str, str]]:
     if precision not in MEASURED[runtime]:
         raise UsageError(f"--precision {precision} does not apply to --runtime {runtime}; it takes "
                          f"{', '.join(MEASURED[runtime])}")
+    if runtime == "openvino":
+        from resopt.backends import BACKEND_HINTS
+        from resopt.backends.openvino_backend import resolve_precision
+        from resopt.envinfo import cpu_capabilities, openvino_version
+        from resopt.errors import MissingDependencyError
+
+        version, reason = openvino_version()
+        if version is None:
+            raise MissingDependencyError(f"--runtime openvino: {reason}", hint=BACKEND_HINTS["onnx:openvino"])
+        inference = MEASURED[runtime][precision][1].get("precision", "f32")
+        ran, note = resolve_precision(inference, cpu_capabilities())
+        if ran != inference:
+            # A table measured in another precision than asked would answer the wrong question.
+            raise UsageError(f"--precision {precision} is not available on --runtime openvino here: {note}",
+                             hint="use --precision f32 or int8")
     return MEASURED[runtime][precision]
 
 

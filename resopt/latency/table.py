@@ -8,10 +8,11 @@ predictor pruning chooses against.
   width fraction of ``fractions`` (all of the block's channel counts scaled, rounded to ``round_to``), each
   behind a 1x1 adapter with the adapter measured alone and subtracted, plus the whole parent once. Rows are
   cached per machine (``resopt.latency.cache``): another model with the same blocks reuses them.
-* ``Predictor.predict(arch)`` sums the blocks' times (a block the table has at exactly its widths is read;
-  any other is interpolated between the measured widths of its family, by MACs) and scales the sum so the
-  parent's prediction equals its measured latency: the stem, head and whatever a graph costs beyond its
-  blocks are carried in proportion. ``predict(...) / parent_ms`` is the latency fraction of a candidate.
+* ``Predictor.predict(arch)`` takes the parent's measured latency less the time of what ``arch`` removes or
+  narrows (a block the table has at exactly its widths is read; any other is interpolated between the
+  measured widths of its family, by MACs); where the blocks measured one by one add up to more than the whole
+  parent they are scaled down to fit it. The stem, head and per-call cost stay as measured.
+  ``predict(...) / parent_ms`` is the latency fraction of a candidate.
 """
 
 from __future__ import annotations
@@ -167,7 +168,8 @@ def scaled_block(block: nn.Module, fraction: float, round_to: int | None = None)
         repl: nn.Module | None = None
         if isinstance(m, nn.Conv2d):
             depthwise = m.groups == m.in_channels and m.groups > 1
-            repl = nn.Conv2d(s(m.in_channels), s(m.out_channels), m.kernel_size, m.stride, m.padding, m.dilation,
+            repl = nn.Conv2d(s(m.in_channels), s(m.out_channels), m.kernel_size,  # type: ignore[arg-type]
+                             m.stride, m.padding, m.dilation,  # type: ignore[arg-type]
                              groups=s(m.in_channels) if depthwise else m.groups, bias=m.bias is not None)
         elif isinstance(m, nn.BatchNorm2d):
             repl = nn.BatchNorm2d(s(m.num_features))
@@ -221,10 +223,16 @@ class Predictor:
 
     @property
     def scale(self) -> float:
-        return self.parent_ms / self.table.blocks_ms(self.parent)
+        """How much of a block's measured time the whole model spends on it: 1, unless the blocks measured one
+        by one add up to more than the whole model (each piece pays its own memory traffic and per-call
+        cost), then scaled down so they add up to it."""
+        return min(1.0, self.parent_ms / self.table.blocks_ms(self.parent))
 
     def predict(self, arch: ArchDescription) -> float:
-        return self.scale * self.table.blocks_ms(arch)
+        """The parent's measured time less what the blocks ``arch`` drops or narrows save: the stem, the head
+        and the per-call cost stay (they dominate a tiny model at a small batch)."""
+        saved = self.table.blocks_ms(self.parent) - self.table.blocks_ms(arch)
+        return max(self.parent_ms - self.scale * saved, 0.0)
 
     def fraction(self, arch: ArchDescription) -> float:
         return self.predict(arch) / self.parent_ms
@@ -257,11 +265,11 @@ def build_predictor(model: nn.Module, input_size: int, *, runtime: str, precisio
                     round_to: int | None = None, timing: Timing | None = None) -> Predictor:
     """The latency table of ``model``'s blocks on ``runtime``/``precision`` at ``batch`` (from the cache, measuring
     what is missing, with progress on stderr) and the parent's measured latency: a ``Predictor``."""
+    import os
+
     import torch
 
     from resopt.envinfo import available_cores
-
-    import os
 
     file_precision, options = check_measured(runtime, precision)
     threads = threads or available_cores()
@@ -310,7 +318,7 @@ def build_predictor(model: nn.Module, input_size: int, *, runtime: str, precisio
             ms = time_in_groups([Row(p, runtime, tuple(options.items())) for _, p, _ in files], batch=batch,
                                 threads=threads, timing=timing, what="latency table")
         measured = {sig: {**info, "ms": t} for (sig, _, info), t in zip(files, ms, strict=True)}
-        for sig, info in measured.items():
+        for info in measured.values():
             if "adapter" in info:
                 # The block alone: the adapter's own time (measured in the same run) taken off, never below 2% of
                 # what was measured (a block cannot be free).
@@ -337,7 +345,7 @@ def describe_piece(piece: nn.Module, like: BlockShape | None, size: int | None =
         def __init__(self) -> None:
             super().__init__()
             self.stem = torch.nn.Conv2d(3, first.in_channels, 1)
-            self.layer1 = holder.layer1
+            self.layer1: torch.nn.Module = holder.layer1  # type: ignore[assignment]
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return self.layer1(self.stem(x))

@@ -15,13 +15,16 @@ Arm NEON / SVE (128 bit)    4      8      16     4 fp32, 8 bf16, 16 int8 (SDOT) 
 GPU tensor cores            4      8      16     NVIDIA: TF32 multiples of 4, FP16/BF16 of 8, INT8 of 16
 ==========================  =====  =====  =====  ============================================================
 
-Measured, not assumed: ``scripts/bench_widths.py`` sweeps one 3x3 convolution's latency against its width on
-onnxruntime and OpenVINO, FP32, BF16 and INT8, and its committed result, ``docs/widths/widths.md`` (an AMD EPYC
-with AVX-512, VNNI and AVX-512 BF16, no AMX), shows the AVX-512 row: on ORT FP32 widths 16, 32, 48 and 64 cost
-1.00-1.22x the best per MAC while 20, 24, 36, 40 and 52 cost 1.5-2.5x; INT8 is cheapest at 48 and 64 and
-pays 1.3-1.4x at 36, 52 and 68. The AMX and GPU rows follow the hardware's tile shapes (the issue's
-measurement on an AMX Xeon: odd widths fell off the tiles and made INT8 slower); this machine cannot check
-them.
+Measured where this machine can: ``scripts/bench_widths.py`` sweeps one 3x3 convolution's latency against its
+width on onnxruntime and OpenVINO, FP32, BF16 and INT8, and its committed result (``docs/widths/widths.md``,
+rows in ``widths.json``: an AMD EPYC with AVX-512, VNNI and AVX-512 BF16, no AMX, measured with other work on
+the cores) replaces the AVX-512 row on a CPU of that class: ``MEASURED_RULE``, derived by ``derive_multiple``
+(per map size, the smallest multiple whose widths' median cost per MAC is within 10% of the best multiple's;
+the largest over map sizes). It gives 16 for ORT FP32 and INT8 and OpenVINO FP32 (ORT FP32 at 32x32:
+multiples of 16 cost a median 1.06x the best width per MAC, other multiples of 8 1.58x, of 4 1.85x) and 8 for
+OpenVINO BF16 and INT8, where the sweep's columns are too noisy to tell 8 from 16. The AMX, AVX2, Arm and GPU
+rows follow the hardware's register and tile shapes (the issue's measurement on an AMX Xeon: odd widths fell
+off the tiles and made INT8 slower); this machine cannot check them.
 """
 
 from __future__ import annotations
@@ -49,6 +52,40 @@ CPU_RULE: dict[str, dict[str, int]] = {
     "NEON": {"f32": 4, "bf16": 8, "int8": 16},
 }
 GPU_RULE = {"f32": 4, "bf16": 8, "fp16": 8, "int8": 16}
+
+# What the committed sweep (RESULT; its rows in docs/widths/widths.json) says for the ISA class it was measured
+# on, per (runtime, precision): ``derive_multiple`` over its columns. It replaces CPU_RULE on a CPU of that
+# class; tests/test_latency.py re-derives it from the JSON, so the two cannot drift apart.
+MEASURED_ON = "AVX-512"
+MEASURED_RULE: dict[tuple[str, str], int] = {
+    ("ort", "f32"): 16, ("ort", "int8"): 16, ("openvino", "f32"): 16, ("openvino", "bf16"): 8,
+    ("openvino", "int8"): 8,
+}
+CANDIDATES = (4, 8, 16, 32)
+TOLERANCE = 1.10
+
+
+def derive_multiple(rows: list[dict[str, Any]], runtime: str, precision: str, *,
+                    candidates: tuple[int, ...] = CANDIDATES, tolerance: float = TOLERANCE) -> int:
+    """The channel multiple a width sweep supports for ``runtime``/``precision``: per map size, the median cost
+    per MAC (``relative_cost_per_mac``) of the widths (>= 16) that are multiples of each candidate, and the
+    smallest candidate within ``tolerance`` of the best candidate's median; over the map sizes, the largest of
+    those (a network has every map size, so its widths must pay at all of them). Medians, because a sweep on a
+    busy machine has outliers."""
+    import statistics
+
+    maps = sorted({r["map"] for r in rows if (r["runtime"], r["precision"]) == (runtime, precision)})
+    if not maps:
+        raise UsageError(f"the width sweep has no {runtime} {precision} rows")
+    picks = []
+    for size in maps:
+        col = [(r["width"], r["relative_cost_per_mac"]) for r in rows
+               if (r["runtime"], r["precision"], r["map"]) == (runtime, precision, size) and r["width"] >= 16]
+        median = {m: statistics.median(c for w, c in col if w % m == 0) for m in candidates
+                  if any(w % m == 0 for w, _ in col)}
+        best = min(median.values())
+        picks.append(min(m for m, v in median.items() if v <= tolerance * best))
+    return max(picks)
 
 
 @dataclass(frozen=True)
@@ -116,8 +153,14 @@ def choose_round_to(runtime: str, precision: str, *, isa: dict[str, bool] | None
         isa = cpu_isa(read_cpuinfo()[1], machine)
     cls = isa_class(isa, machine, precision)
     key = "bf16" if precision == "fp16" else precision
-    multiple = CPU_RULE[cls][key]
     present = ", ".join(name for name, has in isa.items() if has) or "no vector extensions found"
+    if cls == MEASURED_ON and (runtime, key) in MEASURED_RULE:
+        multiple = MEASURED_RULE[(runtime, key)]
+        return RoundTo(multiple, runtime, precision, cls,
+                       f"{runtime} {precision} on this CPU ({present}): widths that are multiples of {multiple} "
+                       f"cost the least per MAC in the {cls} width sweep ({RESULT})")
+    multiple = CPU_RULE[cls][key]
+    sweep = f"has no {runtime} {precision} column" if cls == MEASURED_ON else f"measured {MEASURED_ON} only"
     return RoundTo(multiple, runtime, precision, cls,
                    f"{runtime} {precision} on this CPU ({present}): {cls} kernels fill {multiple}-channel blocks "
-                   f"(measured: {RESULT})")
+                   f"(the register or tile width; {RESULT} {sweep})")

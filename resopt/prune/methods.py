@@ -45,6 +45,9 @@ class Work:
     notes: list[str] = field(default_factory=list)
     fits: list[FitResult] = field(default_factory=list)
     probe: Callable[[], Any] | None = None  # a few evaluation images (sfp checks the channels it removes on them)
+    val_images: Callable[[], tuple[Any, Any]] | None = None  # (images, labels) of the val split, class-balanced
+    device: str = "cpu"
+    record: dict[str, Any] = field(default_factory=dict)  # method-specific metrics for the lineage
     # --target-latency / --latency-ms: the predictor chosen against, the unpruned parent (measured against the
     # result) and the prediction for the chosen ratio (resopt.latency).
     latency: dict[str, Any] = field(default_factory=dict)
@@ -63,7 +66,7 @@ def plan_structured(work: Work) -> tuple[Any, list[Any]]:
     cfg, model = work.cfg, work.model
     groups = channel_groups(model, work.input_size)
     plan = StructuredPlan(p=METHOD_TABLE[cfg.method].norm, ratio=cfg.sparsity or 0.0,
-                          global_=cfg.global_, round_to=cfg.round_to,
+                          global_=cfg.global_, round_to=cfg.multiple,
                           group_ratios=resolve_layer_ratios(model, groups, cfg.layer_ratios)
                           if cfg.layer_ratios else {})
     if cfg.target_macs is not None:
@@ -82,18 +85,13 @@ def search_latency_ratio(work: Work, plan: Any, groups: list[Any], *, tolerance:
     this machine's latency table for the parent (``resopt.latency``; measured now unless cached)."""
     import copy
 
-    from resopt.latency import Timing, build_predictor, describe_model
-    from resopt.prune import DEFAULT_LATENCY_BATCH, DEFAULT_RUNTIME
+    from resopt.latency import describe_model
     from resopt.prune.structured import MAX_RATIO, prune_once
 
-    cfg, model = work.cfg, work.model
-    runtime, precision = cfg.runtime or DEFAULT_RUNTIME, cfg.precision or "f32"
-    predictor = build_predictor(model, work.input_size, runtime=runtime, precision=precision,
-                                batch=cfg.latency_batch or DEFAULT_LATENCY_BATCH, round_to=plan.round_to,
-                                timing=Timing.from_env())
-    target = cfg.latency_ms if cfg.latency_ms is not None else (cfg.target_latency or 0.0) * predictor.parent_ms
-    asked = f"--latency-ms {cfg.latency_ms:g}" if cfg.latency_ms is not None else \
-        f"--target-latency {cfg.target_latency:g}"
+    model = work.model
+    predictor, target, asked = latency_predictor(work, round_to=plan.round_to)
+    key = predictor.table.key
+    runtime, precision = key.runtime, key.precision
 
     def predicted(ratio: float) -> float:
         probe = copy.deepcopy(model)
@@ -116,7 +114,8 @@ def search_latency_ratio(work: Work, plan: Any, groups: list[Any], *, tolerance:
             lo = mid
     log(f"{asked}: channel ratio {hi:.4f}, predicted {at_hi:.3g} ms per batch of {predictor.table.key.batch} "
         f"({at_hi / predictor.parent_ms:.2f}x of the parent's measured {predictor.parent_ms:.3g} ms)")
-    work.latency = {"predictor": predictor, "parent": copy.deepcopy(model), "predicted_ms": at_hi}
+    work.latency = {"predictor": predictor, "parent": copy.deepcopy(model), "predicted_ms": at_hi,
+                    "target_ms": target}
     return hi
 
 
@@ -215,12 +214,99 @@ def run_24(work: Work) -> None:
     work.notes.append(NM_NOTE + DENSE_NOTE)
 
 
+def run_block(work: Work) -> None:
+    from resopt.models import stage_depths
+    from resopt.prune.block import choose_blocks, remove_blocks, removed_summary, score_blocks
+
+    cfg, model = work.cfg, work.model
+    assert work.val_images is not None
+    images, labels = work.val_images()
+    parent_depths = stage_depths(model)
+    log(f"block importance: bypassing each removable block once on {len(labels)} val images")
+    scores = score_blocks(model, images, labels, input_size=work.input_size, device=work.device)
+    if cfg.latency_target:
+        chosen = choose_blocks_for_latency(work, scores)
+    else:
+        target = None if cfg.target_macs is None else int(cfg.target_macs * work.parent_macs)
+        chosen = choose_blocks(scores, n=cfg.blocks, target_macs=target, total_macs=work.parent_macs)
+    remove_blocks(model, chosen)
+    summary = removed_summary(chosen, sum(parent_depths), len(parent_depths))
+    log(summary + ": " + ", ".join(f"{b.name} (val loss {b.loss_change:+.4f}, top-1 {b.top1_change:+.2f})"
+                                   for b in chosen))
+    work.top1_pruned = work.top1(model)
+    log(f"prune: val top-1 {work.top1_pruned:.2f}% before fine-tuning")
+    fit_result = work.finetuned("fine-tune")
+    work.steps.append(step_row(work, 1, work.top1_pruned, fit_result))
+    work.notes.append(f"{summary}, ranked by the val loss change when each is bypassed "
+                      f"({len(labels)} val images); blocks per stage {parent_depths} -> {stage_depths(model)}")
+    work.record["blocks"] = {"removed": [b.name for b in chosen], "parent_depths": parent_depths,
+                             "depths": stage_depths(model), "val_images": len(labels),
+                             "importance": [b.to_dict() for b in scores]}
+
+
+def latency_predictor(work: Work, *, round_to: int | None = None, widths: bool = True) -> tuple[Any, float, str]:
+    """This machine's latency predictor for the parent in ``work`` (``resopt.latency``: the cached table, what
+    is missing measured now with bench's workers; only the parent's own widths when not ``widths``), the
+    target in ms per batch and how it was asked for (for messages)."""
+    from resopt.latency import Timing, build_predictor
+    from resopt.prune import DEFAULT_LATENCY_BATCH, DEFAULT_RUNTIME
+
+    cfg = work.cfg
+    predictor = build_predictor(work.model, work.input_size, runtime=cfg.runtime or DEFAULT_RUNTIME,
+                                precision=cfg.precision or "f32", batch=cfg.latency_batch or DEFAULT_LATENCY_BATCH,
+                                round_to=round_to, timing=Timing.from_env(), fractions=None if widths else (1.0,))
+    target = cfg.latency_ms if cfg.latency_ms is not None else (cfg.target_latency or 0.0) * predictor.parent_ms
+    asked = f"--latency-ms {cfg.latency_ms:g}" if cfg.latency_ms is not None else \
+        f"--target-latency {cfg.target_latency:g}"
+    key = predictor.table.key
+    if predictor.parent_ms <= target:
+        raise UsageError(f"{asked}: the parent already runs in {predictor.parent_ms:.3g} ms per batch of {key.batch} "
+                         f"on {key.runtime} {key.precision} here; there is nothing to remove",
+                         hint=f"ask for less than {predictor.parent_ms:.3g} ms")
+    return predictor, target, asked
+
+
+def choose_blocks_for_latency(work: Work, scores: list[Any]) -> list[Any]:
+    """The blocks to remove for ``--target-latency`` / ``--latency-ms``: against this machine's measured
+    per-block latency table, greedily the block that costs the least val loss per millisecond it saves (a block
+    whose removal lowers the loss goes first), until the predicted latency is within the target. Blocks of one
+    stage cost the same time, blocks of different stages do not: the table, not the MACs, says which pays."""
+    import copy
+
+    predictor, target, asked = latency_predictor(work, widths=False)
+    key = predictor.table.key
+    where = f"{key.runtime} {key.precision}, batch {key.batch}"
+    by_block = {(b.stage, b.index): b for b in predictor.parent.blocks}
+    saved = {(s.stage, s.index): predictor.scale * predictor.table.block_ms(by_block[(s.stage, s.index)])
+             for s in scores}
+    everything = predictor.predict(predictor.parent.without(saved))
+    if everything > target:
+        raise UsageError(f"{asked} is out of reach by removing blocks: without all {len(scores)} removable blocks "
+                         f"{everything:.3g} ms per batch remain ({everything / predictor.parent_ms:.2f}x of the "
+                         f"parent's measured {predictor.parent_ms:.3g} ms on {where})",
+                         hint="ask for a larger fraction, or prune channels of the result (--method l1-struct)")
+    order = sorted(scores, key=lambda s: s.loss_change / max(saved[(s.stage, s.index)], 1e-9))
+    chosen: list[Any] = []
+    predicted = predictor.parent_ms
+    for s in order:
+        if predicted <= target:
+            break
+        chosen.append(s)
+        predicted = predictor.predict(predictor.parent.without((c.stage, c.index) for c in chosen))
+    log(f"{asked}: removing {len(chosen)} blocks is predicted to take {predicted:.3g} ms per batch "
+        f"({predicted / predictor.parent_ms:.2f}x of the parent's measured {predictor.parent_ms:.3g} ms on {where})")
+    work.latency = {"predictor": predictor, "parent": copy.deepcopy(work.model), "predicted_ms": predicted,
+                    "target_ms": target}
+    return chosen
+
+
 # The options only some methods take: PruneConfig field -> flag. Every other option of `prune` applies to every
 # method (the fine-tuning, data and output options).
 METHOD_FIELDS = {"sparsity": "--sparsity", "target_macs": "--target-macs", "global_": "--global",
                  "iterative": "--iterative", "steps": "--steps", "round_to": "--round-to",
-                 "layer_ratios": "--layer-ratios", "target_latency": "--target-latency", "latency_ms": "--latency-ms",
-                 "runtime": "--runtime", "precision": "--precision", "latency_batch": "--latency-batch"}
+                 "layer_ratios": "--layer-ratios", "blocks": "--blocks", "target_latency": "--target-latency",
+                 "latency_ms": "--latency-ms", "runtime": "--runtime", "precision": "--precision",
+                 "latency_batch": "--latency-batch"}
 
 
 @dataclass(frozen=True)
@@ -231,45 +317,61 @@ class Method:
     run: Callable[[Work], None]
     takes: tuple[str, ...]  # the flags of METHOD_FIELDS it takes
     amount: tuple[str, ...] = ()  # it needs one of these flags (how much to prune); () when fixed
-    structured: bool = False  # removes whole channels: params, MACs and the file shrink
+    structured: bool = False  # removes whole channels (or blocks): params, MACs and the file shrink
     norm: int = 1  # the channel (or weight) norm it ranks by
     needs_finetune: bool = False  # it prunes while fine-tuning
-    analyzes: bool = False  # --analyze can rank channels as it does
+    analyze_takes: tuple[str, ...] = ()  # the flags of METHOD_FIELDS --analyze takes with it; () when it cannot
     why_not: str = ""  # appended to the refusal of a flag it does not take
+    example: tuple[str, ...] = ()  # a typical amount, for the help and the tests (``--sparsity 0.3``)
+
+    @property
+    def analyzes(self) -> bool:
+        """--analyze can rank channels as it does."""
+        return bool(self.analyze_takes)
 
     def check_amount(self, given: Iterable[str]) -> None:
         if self.amount and not set(self.amount) & set(given):
             names = ", ".join(self.amount[:-1]) + (" or " if len(self.amount) > 1 else "") + self.amount[-1]
             raise UsageError(f"--method {self.name} needs {names}",
-                             hint=f"e.g. {self.amount[0]} 0.5" if self.amount[0] == "--sparsity" else None)
+                             hint=f"e.g. --method {self.name} {' '.join(self.example)}" if self.example else None)
 
 
 _LATENCY = ("--target-latency", "--latency-ms", "--runtime", "--precision", "--latency-batch")
 _STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios") + _LATENCY
 _STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios", "--target-latency", "--latency-ms")
+# --analyze proposes --layer-ratios for a --sparsity or --target-macs (rounded with --round-to).
+_ANALYZE = ("--sparsity", "--target-macs", "--round-to")
 
 METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("l1-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
-           norm=1, analyzes=True),
+           norm=1, analyze_takes=_ANALYZE, example=("--sparsity", "0.3")),
     Method("l2-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
-           norm=2, analyzes=True),
+           norm=2, analyze_takes=_ANALYZE, example=("--sparsity", "0.3")),
     Method("l1-unstruct", run_unstructured, ("--sparsity", "--global", "--iterative", "--steps"), ("--sparsity",),
-           norm=1, why_not="zeroed weights leave the MACs of dense kernels unchanged"),
+           norm=1, why_not="zeroed weights leave the MACs of dense kernels unchanged", example=("--sparsity", "0.3")),
     Method("2:4", run_24, (), why_not="it fixes its pattern: 2 of every 4 weights"),
     Method("sfp", run_sfp, _STRUCT, _STRUCT_AMOUNT, structured=True, norm=2, needs_finetune=True,
-           why_not="it already prunes gradually, during fine-tuning"),
+           why_not="it already prunes gradually, during fine-tuning", example=("--sparsity", "0.3")),
+    Method("block", run_block, ("--blocks", "--target-macs") + _LATENCY,
+           ("--blocks", "--target-macs", "--target-latency", "--latency-ms"), structured=True,
+           why_not="it removes whole residual blocks; prune the result's channels with a second prune",
+           example=("--blocks", "1")),
 )}
 
 RUNNERS: dict[str, Callable[[Work], None]] = {name: m.run for name, m in METHOD_TABLE.items()}
 
-# --analyze measures and proposes; it writes no model, so it takes only these of prune's options.
-ANALYZE_TAKES = ("--method", "--sparsity", "--target-macs", "--round-to", "--analyze", "--analyze-ratios",
-                 "--analyze-images", "--data", "--limit-per-class", "--val-split", "--seed", "--json", "--help")
 ANALYZE_ONLY = ("--analyze-ratios", "--analyze-images")
-TEACHER_ONLY = ("--alpha", "--temperature")
-# What only the fine-tuning reads (the training split, the optimizer): nothing without --finetune-epochs.
-FIT_ONLY = ("--lr", "--teacher", "--optimizer", "--momentum", "--nesterov", "--weight-decay", "--warmup-epochs",
-            "--label-smoothing", "--data-path")
+# --analyze measures and proposes; it writes no model, so it takes only the method flags the analyzing methods
+# name (``Method.analyze_takes``) and these of prune's options.
+ANALYZE_TAKES = ("--method", "--analyze", *ANALYZE_ONLY,
+                 *dict.fromkeys(f for m in METHOD_TABLE.values() for f in m.analyze_takes),
+                 "--data", "--limit-per-class", "--val-split", "--seed", "--json", "--help")
+# What only distillation reads: nothing with --no-distill.
+DISTILL_ONLY = ("--teacher", "--alpha", "--temperature")
+# What only the fine-tuning reads (the training split, the optimizer, the teacher): nothing without
+# --finetune-epochs.
+FIT_ONLY = ("--lr", "--teacher", "--alpha", "--temperature", "--no-distill", "--optimizer", "--momentum",
+            "--nesterov", "--weight-decay", "--warmup-epochs", "--label-smoothing", "--data-path")
 
 
 def method_users() -> dict[str, list[str]]:
@@ -301,11 +403,11 @@ def check_method_flags(method: str, given: Iterable[str]) -> None:
                              f"{', '.join(users[flag])}", hint=f"drop {flag}")
 
 
-def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finetune: bool, teacher: bool) -> None:
+def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finetune: bool, distill: bool) -> None:
     """Every flag the user typed (``given``) must take effect: a ``UsageError`` (exit 2) naming who takes the
     first one that would not, for ``--analyze``, for the method, and for the options that depend on another
-    (``--alpha`` on ``--teacher``, the optimizer on ``--finetune-epochs``, ``--analyze-ratios`` on
-    ``--analyze``)."""
+    (the optimizer and the teacher on ``--finetune-epochs``, ``--alpha`` on distillation, ``--analyze-ratios``
+    on ``--analyze``)."""
     given = list(given)
     if analyze:
         for flag in given:
@@ -322,10 +424,11 @@ def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finet
         if flag in ANALYZE_ONLY:
             raise UsageError(f"{flag} does not apply without --analyze; it is an option of --analyze",
                              hint=f"add --analyze, or drop {flag}")
-        if flag in TEACHER_ONLY and not teacher:
-            raise UsageError(f"{flag} does not apply without --teacher; it is an option of --teacher (distillation "
-                             f"during fine-tuning)", hint=f"add --teacher T.pt, or drop {flag}")
         if flag in FIT_ONLY and not finetune:
             raise UsageError(f"{flag} does not apply without --finetune-epochs (nothing is trained); it is an "
                              f"option of the fine-tuning", hint=f"add --finetune-epochs 2, or drop {flag}")
+        if flag in DISTILL_ONLY and not distill:
+            raise UsageError(f"{flag} does not apply with --no-distill; it is an option of the distillation during "
+                             f"fine-tuning (from the parent unless --teacher)",
+                             hint=f"drop --no-distill, or drop {flag}")
     check_method_flags(method, given)
