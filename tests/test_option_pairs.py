@@ -77,8 +77,9 @@ PROBES: dict[str, dict[str, Probe]] = {
         # Latency: measured with the fast timing and short table of ``latency_env`` (batch 2 by --latency-batch).
         "--target-latency": P("--target-latency", "0.95", drop=("--sparsity", "--blocks")),
         # Milliseconds depend on the machine and its load: the first that is reachable here (and not already met).
-        "--latency-ms": Probe(tuple(("--latency-ms", ms) for ms in ("0.4", "0.33", "0.27", "0.2")),
-                              ref=("--latency-batch", "2"), drop=("--sparsity", "--blocks")),
+        "--latency-ms": Probe(tuple(("--latency-ms", ms, "--latency-batch", "2") for ms in ("0.4", "0.33", "0.27",
+                                                                                            "0.2")),
+                              drop=("--sparsity", "--blocks")),
         "--latency-batch": P("--latency-batch", "2", ref=("--target-latency", "0.95"),
                              drop=("--sparsity", "--blocks")),
         "--runtime": P("--runtime", "openvino", ref=("--target-latency", "0.95", "--latency-batch", "2"),
