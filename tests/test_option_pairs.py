@@ -74,6 +74,18 @@ PROBES: dict[str, dict[str, Probe]] = {
         "--analyze-ratios": P("--analyze-ratios", "0.5"), "--analyze-images": P("--analyze-images", "40"),
         "--finetune-epochs": P("--finetune-epochs", "2"), "--lr": P("--lr", "0.05"),
         "--blocks": P("--blocks", "2"), "--no-distill": P("--no-distill"),
+        # Latency: measured with the fast timing and short table of ``latency_env`` (batch 2 by --latency-batch).
+        "--target-latency": P("--target-latency", "0.95", drop=("--sparsity", "--blocks")),
+        # Milliseconds depend on the machine and its load: the first that is reachable here (and not already met).
+        "--latency-ms": Probe(tuple(("--latency-ms", ms, "--latency-batch", "2") for ms in ("0.4", "0.33", "0.27",
+                                                                                            "0.2")),
+                              drop=("--sparsity", "--blocks")),
+        "--latency-batch": P("--latency-batch", "2", ref=("--target-latency", "0.95"),
+                             drop=("--sparsity", "--blocks")),
+        "--runtime": P("--runtime", "openvino", ref=("--target-latency", "0.95", "--latency-batch", "2"),
+                       drop=("--sparsity", "--blocks")),
+        "--precision": P("--precision", "bf16", ref=("--target-latency", "0.95", "--latency-batch", "2",
+                                                      "--runtime", "openvino"), drop=("--sparsity", "--blocks")),
         "--teacher": P("--teacher", "TEACHER"), "--alpha": P("--alpha", "0.9"),
         "--temperature": P("--temperature", "2"),
         "--limit-per-class": P("--limit-per-class", "3"), "--val-split": P("--val-split", "0.2"),
@@ -269,6 +281,17 @@ def pair_data(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """Base data (8 train + 8 test images per class) and another set for the --data/--calib-data probes."""
     root = tmp_path_factory.mktemp("pairs_data")
     return make_subset(root / "d", 8, 8), make_subset(root / "d2", 10, 10)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def latency_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """prune's latency targets measure on this machine: into a private cache (never ~/.cache), one short round
+    per file and two widths per block, so a probe costs seconds (tests/test_latency.py checks the numbers)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESOPT_CACHE_DIR", str(tmp_path_factory.mktemp("pairs_latency")))
+        mp.setenv("RESOPT_LATENCY_TIMING", "1,2,0.02")
+        mp.setenv("RESOPT_LATENCY_FRACTIONS", "1,0.5")
+        yield
 
 
 @pytest.fixture

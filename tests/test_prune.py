@@ -256,7 +256,7 @@ def _pre(ckpt: dict):
     (["--sparsity", "0.3", "--lr", "0.1"], 2, "Error: --lr does not apply without --finetune-epochs (nothing is "
      "trained); it is an option of the fine-tuning"),
     (["--layer-ratios", "0.1,0.2", "--sparsity", "0.5"], 2, "cannot be combined with --sparsity"),
-    ([], 2, "--method l1-struct needs --sparsity, --target-macs or --layer-ratios"),
+    ([], 2, "--method l1-struct needs --sparsity, --target-macs, --layer-ratios, --target-latency or --latency-ms"),
 ])
 def test_bad_options_fail_with_one_line(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path, args: list,
                                         code: int, message: str) -> None:

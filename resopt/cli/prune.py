@@ -59,11 +59,26 @@ def prune_cmd(
                                             "--finetune-epochs after each.")] = False,
     steps: Annotated[int | None, typer.Option("--steps", help="Steps for --iterative [default: 5].",
                                               show_default=False)] = None,
-    round_to: Annotated[int | None, typer.Option("--round-to", help="Keep pruned channel counts multiples of N "
-                                                 "(e.g. 8 for tensor cores).", show_default=False)] = None,
+    round_to: Annotated[str | None, typer.Option("--round-to", help="Keep pruned channel counts multiples of N "
+                                                 "(e.g. 8 for tensor cores), or auto: the multiple --runtime and "
+                                                 "--precision fill on this CPU (or GPU).", show_default=False)] = None,
     layer_ratios: Annotated[str | None, typer.Option("--layer-ratios", help="Per-stage, per-block or per-layer "
                                                      "ratios (0.1,0.2,0.3) or name=ratio pairs "
                                                      "(layer3=0.5,conv1=0.1).", show_default=False)] = None,
+    target_latency: Annotated[float | None, typer.Option("--target-latency", help="Instead of --sparsity: the "
+                                                         "fraction of the parent's latency to keep, measured on "
+                                                         "--runtime here (a cached per-block latency table).",
+                                                         show_default=False)] = None,
+    latency_ms: Annotated[float | None, typer.Option("--latency-ms", help="Instead of --target-latency: "
+                                                     "milliseconds per batch of --latency-batch on --runtime.",
+                                                     show_default=False)] = None,
+    runtime: Annotated[str | None, typer.Option("--runtime", help="What --target-latency, --latency-ms and "
+                                                "--round-to auto are for: ort, openvino, torch or tensorrt "
+                                                "[default: ort].", show_default=False)] = None,
+    precision: Annotated[str | None, typer.Option("--precision", help="Its precision: f32, bf16, int8 or fp16 "
+                                                  "[default: f32].", show_default=False)] = None,
+    latency_batch: Annotated[int | None, typer.Option("--latency-batch", help="Batch size latency is measured "
+                                                      "at [default: 32].", show_default=False)] = None,
     blocks: Annotated[int | None, typer.Option("--blocks", help="--method block: how many residual blocks to "
                                                "remove (the least important on val).", show_default=False)] = None,
     analyze: Annotated[bool, typer.Option("--analyze", help="Measure each layer's top-1 drop at "
@@ -146,20 +161,50 @@ def prune_cmd(
             raise UsageError(f"--analyze-ratios {analyze_ratios!r} is not a comma-separated list of numbers") \
                 from None
         report = analyze_checkpoint(model, data=data_opts, method=method, ratios=ratios, sparsity=sparsity,
-                                    target_macs=target_macs, round_to=round_to, max_images=analyze_images)
+                                    target_macs=target_macs, round_to=_analyze_round_to(round_to),
+                                    max_images=analyze_images)
         emit(report.to_dict(), json_out=json_, render=_render_analysis)
         return
 
     from resopt.prune import PruneConfig, prune_checkpoint
 
     cfg = PruneConfig(method=method, sparsity=sparsity, target_macs=target_macs, global_=global_,
-                      iterative=iterative, steps=steps, round_to=round_to, layer_ratios=layer_ratios,
+                      iterative=iterative, steps=steps, round_to=_round_to(round_to), layer_ratios=layer_ratios,
+                      target_latency=target_latency, latency_ms=latency_ms, runtime=runtime, precision=precision,
+                      latency_batch=latency_batch,
                       finetune_epochs=finetune_epochs, teacher=teacher, alpha=alpha, temperature=temperature,
                       blocks=blocks, distill=not no_distill)
     train = train_config(locals(), epochs=max(1, finetune_epochs))
     result = prune_checkpoint(model, cfg, data=data_opts, train=train,
                               output=output or default_output(model, ".pruned.pt"))
     emit(result.summary(), json_out=json_, render=_render)
+
+
+def _round_to(text: str | None) -> int | str | None:
+    """``--round-to``: a whole number, or ``auto`` (resolved by the library for --runtime and --precision)."""
+    from resopt.errors import UsageError
+
+    if text is None:
+        return None
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"--round-to {text!r} is neither a whole number nor auto", hint="e.g. --round-to 8") from None
+
+
+def _analyze_round_to(text: str | None) -> int | None:
+    """--analyze proposes ratios for onnxruntime FP32 here: ``auto`` is the multiple it fills on this CPU."""
+    value = _round_to(text)
+    if value != "auto":
+        return None if value is None else int(value)
+    from resopt.console import log
+    from resopt.latency import choose_round_to
+
+    choice = choose_round_to("ort", "f32")
+    log(f"--round-to auto: {choice.multiple} ({choice.reason})")
+    return choice.multiple
 
 
 def _fraction(after: float, before: float) -> str:

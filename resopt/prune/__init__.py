@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from resopt.console import log
+from resopt.console import log, warn
 from resopt.errors import UsageError, VerificationError
 from resopt.prune.methods import (
     METHOD_FIELDS,
@@ -62,7 +62,7 @@ class PruneConfig:
     global_: bool = False
     iterative: bool = False
     steps: int | None = None
-    round_to: int | None = None
+    round_to: int | str | None = None  # a multiple, or "auto": chosen for --runtime/--precision (resolve_round_to)
     layer_ratios: str | None = None
     finetune_epochs: int = 0
     teacher: Path | None = None
@@ -70,6 +70,24 @@ class PruneConfig:
     temperature: float = 4.0
     blocks: int | None = None  # block: how many residual blocks to remove
     distill: bool = True  # fine-tuning distills from the teacher (the parent unless --teacher)
+    # Latency (resopt.latency): a target fraction of the parent's measured latency, or milliseconds per batch,
+    # on this runtime and precision at this batch size; runtime/precision also drive --round-to auto.
+    target_latency: float | None = None
+    latency_ms: float | None = None
+    runtime: str | None = None
+    precision: str | None = None
+    latency_batch: int | None = None
+
+    @property
+    def multiple(self) -> int | None:
+        """``--round-to`` as a number (``auto`` must have been resolved first: ``resolve_round_to``)."""
+        if self.round_to == "auto":
+            raise AssertionError("--round-to auto is resolved by resolve_round_to before pruning")
+        return None if self.round_to is None else int(self.round_to)
+
+    @property
+    def latency_target(self) -> bool:
+        return self.target_latency is not None or self.latency_ms is not None
 
     @property
     def n_steps(self) -> int:
@@ -98,8 +116,10 @@ class PruneConfig:
             raise UsageError("--steps needs --iterative", hint=f"resopt prune ... --iterative --steps {self.steps}")
         if self.iterative and self.n_steps < 2:
             raise UsageError(f"--steps must be at least 2 with --iterative, got {self.n_steps}")
-        if self.round_to is not None and self.round_to < 1:
-            raise UsageError(f"--round-to must be at least 1, got {self.round_to}")
+        if self.round_to is not None and self.round_to != "auto" and (not isinstance(self.round_to, int)
+                                                                     or self.round_to < 1):
+            raise UsageError(f"--round-to must be a whole number >= 1 or auto, got {self.round_to}")
+        self._validate_latency(given)
         if self.finetune_epochs < 0:
             raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.layer_ratios is not None:
@@ -117,6 +137,49 @@ class PruneConfig:
             raise UsageError("--blocks and --target-macs are alternatives; give one of them")
         if self.blocks is not None and self.blocks < 1:
             raise UsageError(f"--blocks must be at least 1, got {self.blocks}")
+
+    def _validate_latency(self, given: list[str]) -> None:
+        from resopt.latency import check_measured
+        from resopt.latency.widths import check_runtime
+
+        amounts = [f for f in ("--sparsity", "--target-macs", "--layer-ratios", "--blocks", "--target-latency",
+                               "--latency-ms") if f in given]
+        if self.latency_target and len(amounts) > 1:
+            raise UsageError(f"{' and '.join(amounts)} are alternatives; give one of them")
+        if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
+            raise UsageError(f"--target-latency must be in (0, 1), got {self.target_latency}",
+                             hint="it is the fraction of the parent's measured latency to keep: 0.5 halves it")
+        if self.latency_ms is not None and not self.latency_ms > 0:
+            raise UsageError(f"--latency-ms must be > 0, got {self.latency_ms}")
+        for flag, value in (("--runtime", self.runtime), ("--precision", self.precision)):
+            if value is not None and not (self.latency_target or self.round_to == "auto"):
+                raise UsageError(f"{flag} does not apply without --target-latency, --latency-ms or --round-to auto; "
+                                 f"it names what those measure or align for", hint=f"drop {flag}")
+        if self.latency_batch is not None and not self.latency_target:
+            raise UsageError("--latency-batch does not apply without --target-latency or --latency-ms; it is the "
+                             "batch size latency is measured at", hint="drop --latency-batch")
+        if self.latency_batch is not None and self.latency_batch < 1:
+            raise UsageError(f"--latency-batch must be at least 1, got {self.latency_batch}")
+        if self.latency_target or self.round_to == "auto":
+            check_runtime(self.runtime or DEFAULT_RUNTIME, self.precision or "f32")
+        if self.latency_target:
+            check_measured(self.runtime or DEFAULT_RUNTIME, self.precision or "f32")
+
+
+DEFAULT_RUNTIME = "ort"
+DEFAULT_LATENCY_BATCH = 32
+
+
+def resolve_round_to(cfg: PruneConfig) -> tuple[PruneConfig, dict[str, Any] | None]:
+    """``cfg`` with ``--round-to auto`` replaced by the multiple ``resopt.latency.choose_round_to`` picks for its
+    runtime and precision (logged on stderr), and that choice as a lineage record; ``cfg`` unchanged otherwise."""
+    if cfg.round_to != "auto":
+        return cfg, None
+    from resopt.latency import choose_round_to
+
+    choice = choose_round_to(cfg.runtime or DEFAULT_RUNTIME, cfg.precision or "f32")
+    log(f"--round-to auto: {choice.multiple} ({choice.reason})")
+    return replace(cfg, round_to=choice.multiple), choice.to_dict()
 
 
 @dataclass(frozen=True)
@@ -186,7 +249,8 @@ class PruneResult:
                 "macs_fraction": round(self.after.macs / max(1, self.before.macs), 4),
                 "params_fraction": round(self.after.params / max(1, self.before.params), 4),
                 **self.reported(), "val_images": self.val_images, "steps": self.steps,
-                "skipped_layers": self.skipped_layers, "notes": self.notes}
+                "skipped_layers": self.skipped_layers, "notes": self.notes,
+                **({"latency": self.record["latency"]} if "latency" in self.record else {})}
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -279,13 +343,14 @@ def prune_checkpoint(
     from resopt.train import fit, measure_test
 
     cfg.validate()
+    cfg, round_to_auto = resolve_round_to(cfg)
     model_path = Path(model_path)
     output = check_output_path(Path(output), model_path, data.data, cfg.teacher, suffixes=(".pt", ".pth"))
     model, ckpt = _load_parent(model_path)
     method = METHOD_TABLE[cfg.method]
-    if cfg.round_to and method.structured:
+    if cfg.multiple and method.structured:
         widest = max((w[1] for w in model_widths(model).values() if len(w) == 3), default=0)
-        if cfg.round_to >= widest:
+        if cfg.multiple >= widest:
             raise UsageError(f"--round-to {cfg.round_to} is not below the widest conv of {model_path.name} "
                              f"({widest} channels): no layer could lose a channel", hint="use --round-to 8 or 16")
     dcfg = DistillConfig(cfg.alpha, cfg.temperature)
@@ -332,6 +397,8 @@ def prune_checkpoint(
     RUNNERS[cfg.method](work)
 
     model.eval()
+    if work.latency:
+        work.record["latency"] = _measure_latency(work, model, size)
     if method.structured and not cfg.round_to:
         work.notes += _alignment_note(parent_widths, model_widths(model))
     after_top1 = top1(model) if work.fits or method.needs_finetune else work.top1_pruned
@@ -355,6 +422,10 @@ def prune_checkpoint(
             "teacher": None if teacher_path is None else str(teacher_path),
             "teacher_is_parent": teacher_path is not None and cfg.teacher is None,
             **({"alpha": cfg.alpha, "temperature": cfg.temperature} if teacher_path is not None else {}),
+            **({"round_to_auto": round_to_auto} if round_to_auto else {}),
+            **({"target_latency": cfg.target_latency, "latency_ms": cfg.latency_ms,
+                "runtime": cfg.runtime or DEFAULT_RUNTIME, "precision": cfg.precision or "f32",
+                "latency_batch": cfg.latency_batch or DEFAULT_LATENCY_BATCH} if cfg.latency_target else {}),
             "data": data.data, "limit_per_class": data.limit_per_class, "val_split": prepared.val_split.fraction,
             "data_path": data.data_path, **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"},
             **(options or {})}
@@ -392,6 +463,40 @@ def prune_checkpoint(
         f"{result.after.macs}, {r['split']} top-1 {r['parent_top1']:.2f}% -> {r['top1']:.2f}% "
         f"({r['eval_images']:,} {r['split']} images{once})")
     return result
+
+
+def _measure_latency(work: Work, model: nn.Module, size: int) -> dict[str, Any]:
+    """Measure the pruned model against its parent in one interleaved run of bench's workers and set the
+    prediction beside it (on stderr, in the notes, returned for the lineage and --json). A measured miss of
+    the target is a warning: the model is written, with the miss recorded (``target_met``)."""
+    from resopt.latency import Timing, measure_models
+
+    cfg = work.cfg
+    predictor = work.latency["predictor"]
+    key = predictor.table.key
+    parent_ms, child_ms = measure_models([work.latency["parent"], model], size, runtime=key.runtime,
+                                         precision=key.precision, batch=key.batch, threads=key.threads,
+                                         timing=Timing.from_env())
+    predicted = float(work.latency["predicted_ms"])
+    predicted_fraction, measured_fraction = predicted / predictor.parent_ms, child_ms / parent_ms
+    if cfg.latency_ms is not None:
+        met, asked = child_ms <= cfg.latency_ms, f"--latency-ms {cfg.latency_ms:g}"
+    else:
+        met, asked = measured_fraction <= (cfg.target_latency or 0.0), f"--target-latency {cfg.target_latency:g}"
+    line = (f"predicted {predicted_fraction:.2f}x of the parent's latency ({predicted:.3g} ms); measured "
+            f"{measured_fraction:.2f}x ({child_ms:.3g} ms vs the parent's {parent_ms:.3g} ms per batch of "
+            f"{key.batch} on {key.runtime} {key.precision}, {key.threads} threads, one interleaved run)")
+    log(line)
+    work.notes.append(line)
+    if not met:
+        warn(f"{asked} missed as measured ({measured_fraction:.2f}x, {child_ms:.3g} ms): the table predicted "
+             f"{predicted_fraction:.2f}x; a loaded machine measures noisily, re-measure with resopt bench")
+    return {"machine": asdict(key), "machine_described": key.describe(),
+            "target_ms": round(float(work.latency["target_ms"]), 4), "predicted_ms": round(predicted, 4),
+            "predicted_fraction": round(predicted_fraction, 4), "parent_ms_table": round(predictor.parent_ms, 4),
+            "measured_parent_ms": round(parent_ms, 4), "measured_ms": round(child_ms, 4),
+            "measured_fraction": round(measured_fraction, 4), "target_met": bool(met),
+            "error": round(predicted_fraction / measured_fraction - 1.0, 4)}
 
 
 def _alignment_note(parent: dict[str, list[int]], child: dict[str, list[int]]) -> list[str]:

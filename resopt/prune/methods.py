@@ -48,6 +48,9 @@ class Work:
     val_images: Callable[[], tuple[Any, Any]] | None = None  # (images, labels) of the val split, class-balanced
     device: str = "cpu"
     record: dict[str, Any] = field(default_factory=dict)  # method-specific metrics for the lineage
+    # --target-latency / --latency-ms: the predictor chosen against, the unpruned parent (measured against the
+    # result) and the prediction for the chosen ratio (resopt.latency).
+    latency: dict[str, Any] = field(default_factory=dict)
 
     def finetuned(self, description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         fit_result = self.fine_tune(description, hooks)
@@ -63,7 +66,7 @@ def plan_structured(work: Work) -> tuple[Any, list[Any]]:
     cfg, model = work.cfg, work.model
     groups = channel_groups(model, work.input_size)
     plan = StructuredPlan(p=METHOD_TABLE[cfg.method].norm, ratio=cfg.sparsity or 0.0,
-                          global_=cfg.global_, round_to=cfg.round_to,
+                          global_=cfg.global_, round_to=cfg.multiple,
                           group_ratios=resolve_layer_ratios(model, groups, cfg.layer_ratios)
                           if cfg.layer_ratios else {})
     if cfg.target_macs is not None:
@@ -71,8 +74,49 @@ def plan_structured(work: Work) -> tuple[Any, list[Any]]:
         log(f"--target-macs {cfg.target_macs:g}: channel ratio {ratio:.4f} leaves {macs / work.parent_macs:.3f} "
             f"of the MACs")
         plan = replace(plan, ratio=ratio)
+    if cfg.latency_target:
+        plan = replace(plan, ratio=search_latency_ratio(work, plan, groups))
     work.ratio = None if cfg.layer_ratios else plan.ratio
     return plan, groups
+
+
+def search_latency_ratio(work: Work, plan: Any, groups: list[Any], *, tolerance: float = 0.005) -> float:
+    """The smallest channel ratio whose one-shot prune is predicted to run within the latency target, against
+    this machine's latency table for the parent (``resopt.latency``; measured now unless cached)."""
+    import copy
+
+    from resopt.latency import describe_model
+    from resopt.prune.structured import MAX_RATIO, prune_once
+
+    model = work.model
+    predictor, target, asked = latency_predictor(work, round_to=plan.round_to)
+    key = predictor.table.key
+    runtime, precision = key.runtime, key.precision
+
+    def predicted(ratio: float) -> float:
+        probe = copy.deepcopy(model)
+        prune_once(probe, replace(plan, ratio=ratio), groups, work.input_size)
+        return predictor.predict(describe_model(probe, work.input_size))
+
+    lo, hi = 0.0, MAX_RATIO
+    at_hi = predicted(hi)
+    if at_hi > target:
+        raise UsageError(f"{asked} is out of reach: channel pruning up to {MAX_RATIO:.0%} is predicted to leave "
+                         f"{at_hi:.3g} ms ({at_hi / predictor.parent_ms:.2f}x of the parent's measured "
+                         f"{predictor.parent_ms:.3g} ms) on {runtime} {precision}",
+                         hint="ask for a larger fraction (stem, head and per-call costs stay)")
+    while hi - lo > tolerance:
+        mid = (lo + hi) / 2
+        at_mid = predicted(mid)
+        if at_mid <= target:
+            hi, at_hi = mid, at_mid
+        else:
+            lo = mid
+    log(f"{asked}: channel ratio {hi:.4f}, predicted {at_hi:.3g} ms per batch of {predictor.table.key.batch} "
+        f"({at_hi / predictor.parent_ms:.2f}x of the parent's measured {predictor.parent_ms:.3g} ms)")
+    work.latency = {"predictor": predictor, "parent": copy.deepcopy(model), "predicted_ms": at_hi,
+                    "target_ms": target}
+    return hi
 
 
 def step_row(work: Work, step: int, top1_pruned: float, fit_result: FitResult | None) -> dict[str, Any]:
@@ -180,8 +224,11 @@ def run_block(work: Work) -> None:
     parent_depths = stage_depths(model)
     log(f"block importance: bypassing each removable block once on {len(labels)} val images")
     scores = score_blocks(model, images, labels, input_size=work.input_size, device=work.device)
-    target = None if cfg.target_macs is None else int(cfg.target_macs * work.parent_macs)
-    chosen = choose_blocks(scores, n=cfg.blocks, target_macs=target, total_macs=work.parent_macs)
+    if cfg.latency_target:
+        chosen = choose_blocks_for_latency(work, scores)
+    else:
+        target = None if cfg.target_macs is None else int(cfg.target_macs * work.parent_macs)
+        chosen = choose_blocks(scores, n=cfg.blocks, target_macs=target, total_macs=work.parent_macs)
     remove_blocks(model, chosen)
     summary = removed_summary(chosen, sum(parent_depths), len(parent_depths))
     log(summary + ": " + ", ".join(f"{b.name} (val loss {b.loss_change:+.4f}, top-1 {b.top1_change:+.2f})"
@@ -197,11 +244,69 @@ def run_block(work: Work) -> None:
                              "importance": [b.to_dict() for b in scores]}
 
 
+def latency_predictor(work: Work, *, round_to: int | None = None, widths: bool = True) -> tuple[Any, float, str]:
+    """This machine's latency predictor for the parent in ``work`` (``resopt.latency``: the cached table, what
+    is missing measured now with bench's workers; only the parent's own widths when not ``widths``), the
+    target in ms per batch and how it was asked for (for messages)."""
+    from resopt.latency import Timing, build_predictor
+    from resopt.prune import DEFAULT_LATENCY_BATCH, DEFAULT_RUNTIME
+
+    cfg = work.cfg
+    predictor = build_predictor(work.model, work.input_size, runtime=cfg.runtime or DEFAULT_RUNTIME,
+                                precision=cfg.precision or "f32", batch=cfg.latency_batch or DEFAULT_LATENCY_BATCH,
+                                round_to=round_to, timing=Timing.from_env(), fractions=None if widths else (1.0,))
+    target = cfg.latency_ms if cfg.latency_ms is not None else (cfg.target_latency or 0.0) * predictor.parent_ms
+    asked = f"--latency-ms {cfg.latency_ms:g}" if cfg.latency_ms is not None else \
+        f"--target-latency {cfg.target_latency:g}"
+    key = predictor.table.key
+    if predictor.parent_ms <= target:
+        raise UsageError(f"{asked}: the parent already runs in {predictor.parent_ms:.3g} ms per batch of {key.batch} "
+                         f"on {key.runtime} {key.precision} here; there is nothing to remove",
+                         hint=f"ask for less than {predictor.parent_ms:.3g} ms")
+    return predictor, target, asked
+
+
+def choose_blocks_for_latency(work: Work, scores: list[Any]) -> list[Any]:
+    """The blocks to remove for ``--target-latency`` / ``--latency-ms``: against this machine's measured
+    per-block latency table, greedily the block that costs the least val loss per millisecond it saves (a block
+    whose removal lowers the loss goes first), until the predicted latency is within the target. Blocks of one
+    stage cost the same time, blocks of different stages do not: the table, not the MACs, says which pays."""
+    import copy
+
+    predictor, target, asked = latency_predictor(work, widths=False)
+    key = predictor.table.key
+    where = f"{key.runtime} {key.precision}, batch {key.batch}"
+    by_block = {(b.stage, b.index): b for b in predictor.parent.blocks}
+    saved = {(s.stage, s.index): predictor.scale * predictor.table.block_ms(by_block[(s.stage, s.index)])
+             for s in scores}
+    everything = predictor.predict(predictor.parent.without(saved))
+    if everything > target:
+        raise UsageError(f"{asked} is out of reach by removing blocks: without all {len(scores)} removable blocks "
+                         f"{everything:.3g} ms per batch remain ({everything / predictor.parent_ms:.2f}x of the "
+                         f"parent's measured {predictor.parent_ms:.3g} ms on {where})",
+                         hint="ask for a larger fraction, or prune channels of the result (--method l1-struct)")
+    order = sorted(scores, key=lambda s: s.loss_change / max(saved[(s.stage, s.index)], 1e-9))
+    chosen: list[Any] = []
+    predicted = predictor.parent_ms
+    for s in order:
+        if predicted <= target:
+            break
+        chosen.append(s)
+        predicted = predictor.predict(predictor.parent.without((c.stage, c.index) for c in chosen))
+    log(f"{asked}: removing {len(chosen)} blocks is predicted to take {predicted:.3g} ms per batch "
+        f"({predicted / predictor.parent_ms:.2f}x of the parent's measured {predictor.parent_ms:.3g} ms on {where})")
+    work.latency = {"predictor": predictor, "parent": copy.deepcopy(work.model), "predicted_ms": predicted,
+                    "target_ms": target}
+    return chosen
+
+
 # The options only some methods take: PruneConfig field -> flag. Every other option of `prune` applies to every
 # method (the fine-tuning, data and output options).
 METHOD_FIELDS = {"sparsity": "--sparsity", "target_macs": "--target-macs", "global_": "--global",
                  "iterative": "--iterative", "steps": "--steps", "round_to": "--round-to",
-                 "layer_ratios": "--layer-ratios", "blocks": "--blocks"}
+                 "layer_ratios": "--layer-ratios", "blocks": "--blocks", "target_latency": "--target-latency",
+                 "latency_ms": "--latency-ms", "runtime": "--runtime", "precision": "--precision",
+                 "latency_batch": "--latency-batch"}
 
 
 @dataclass(frozen=True)
@@ -231,8 +336,9 @@ class Method:
                              hint=f"e.g. --method {self.name} {' '.join(self.example)}" if self.example else None)
 
 
-_STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios")
-_STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios")
+_LATENCY = ("--target-latency", "--latency-ms", "--runtime", "--precision", "--latency-batch")
+_STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios") + _LATENCY
+_STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios", "--target-latency", "--latency-ms")
 # --analyze proposes --layer-ratios for a --sparsity or --target-macs (rounded with --round-to).
 _ANALYZE = ("--sparsity", "--target-macs", "--round-to")
 
@@ -246,7 +352,8 @@ METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("2:4", run_24, (), why_not="it fixes its pattern: 2 of every 4 weights"),
     Method("sfp", run_sfp, _STRUCT, _STRUCT_AMOUNT, structured=True, norm=2, needs_finetune=True,
            why_not="it already prunes gradually, during fine-tuning", example=("--sparsity", "0.3")),
-    Method("block", run_block, ("--blocks", "--target-macs"), ("--blocks", "--target-macs"), structured=True,
+    Method("block", run_block, ("--blocks", "--target-macs") + _LATENCY,
+           ("--blocks", "--target-macs", "--target-latency", "--latency-ms"), structured=True,
            why_not="it removes whole residual blocks; prune the result's channels with a second prune",
            example=("--blocks", "1")),
 )}
