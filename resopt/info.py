@@ -30,7 +30,7 @@ KEY_OPTIONS: dict[str, tuple[str, ...]] = {
     "distill": ("teacher", "student", "width", "epochs", "alpha", "temperature"),
     "prune": ("method", "sparsity", "target_macs", "global", "finetune_epochs", "teacher"),
     "export": ("exporter", "opset", "tolerance", "num_verify"),
-    "quantize": ("mode", "calib_method", "weights", "activations", "num_calib"),
+    "quantize": ("mode", "calib_method", "weights", "activations", "num_calib", "int8_layers"),
     "build": ("precision", "build_path", "min_batch", "opt_batch", "max_batch"),
 }
 KEY_METRICS = ("top1", "top5", "parent_top1", "val_top1", "agreement", "max_abs_diff", "top1_agreement", "params",

@@ -139,6 +139,9 @@ def onnx_precision(model: Any) -> str:
 
     ops = {n.op_type for n in model.graph.node}
     if "DequantizeLinear" in ops and ops & {"Conv", "Gemm", "MatMul"}:
+        types = {t.data_type for t in model.graph.initializer if len(t.dims) > 1}
+        if types & {TensorProto.INT4, TensorProto.UINT4}:  # --mode w4a8: int4 weights, 8-bit activations
+            return "INT4+INT8 Q/DQ" if types & {TensorProto.INT8, TensorProto.UINT8} else "INT4 Q/DQ"
         return "INT8 Q/DQ"
     if ops & {"QLinearConv", "QLinearMatMul", "QGemm"}:
         return "INT8 QOperator"

@@ -13,19 +13,19 @@ from resopt.errors import UsageError
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--calib-method", "entropy", "--mode", "fp16"],
-     "Error: --calib-method does not apply to --mode fp16; it is an option of --mode int8"),
+     "Error: --calib-method does not apply to --mode fp16; it is an option of --mode int8, w4a8"),
     # QAT's fake-quant layers observe min/max ranges, and its ONNX is calibrated to match.
     (["--calib-method", "entropy", "--mode", "qat", "--data", "x"],
-     "Error: --calib-method does not apply to --mode qat; it is an option of --mode int8"),
+     "Error: --calib-method does not apply to --mode qat; it is an option of --mode int8, w4a8"),
     # No calibration, verified on --data: the calibration set is never read.
     (["--mode", "fp16", "--data", "x", "--calib-data", "/does/not/exist", "--num-calib", "7"],
      "Error: --calib-data has no effect: --mode fp16 does not calibrate, and with --data it is verified on the "
-     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits (and of every mode without "
-     "--data)"),
+     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits, w4a8 (and of every mode "
+     "without --data)"),
     (["--mode", "kmeans", "--data", "x", "--num-calib", "7"],
      "Error: --num-calib has no effect: --mode kmeans does not calibrate, and with --data it is verified on the "
-     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits (and of every mode without "
-     "--data)"),
+     "--data test split; it is an option of --mode int8, qat, fixed with --act-bits, w4a8 (and of every mode "
+     "without --data)"),
     (["--clusters", "16", "--mode", "int8"],
      "Error: --clusters does not apply to --mode int8; it is an option of --mode kmeans"),
     (["--epochs", "3", "--mode", "int8"],
@@ -33,9 +33,10 @@ from resopt.errors import UsageError
     (["--mode", "kmeans", "--act-bits", "4"],
      "Error: --act-bits does not apply to --mode kmeans; it is an option of --mode fixed"),
     (["--mode", "fp16", "--per-tensor"],
-     "Error: --per-tensor does not apply to --mode fp16; it is an option of --mode int8, int8-dynamic, qat"),
+     "Error: --per-tensor does not apply to --mode fp16; it is an option of --mode int8, int8-dynamic, qat, "
+     "w4a8"),
     (["--mode", "fixed", "--calib-method", "minmax", "--act-bits", "8"],  # fixed calibrates, but always minmax
-     "Error: --calib-method does not apply to --mode fixed; it is an option of --mode int8"),
+     "Error: --calib-method does not apply to --mode fixed; it is an option of --mode int8, w4a8"),
     # Typed by the user counts even when it is the default value.
     (["--mode", "fp16", "--target", "cpu"], "Error: --target does not apply to --mode fp16; it is an option of "
                                             "--mode int8, qat"),
@@ -76,7 +77,7 @@ def test_the_registry_matches_the_command() -> None:
     from resopt.quantize.modes import SHARED_FIELDS, mode_specific_flags
 
     params = inspect.signature(quantize_cmd).parameters
-    assert list(MODES) == ["int8", "int8-dynamic", "fp16", "qat", "kmeans", "fixed"]
+    assert list(MODES) == ["int8", "int8-dynamic", "fp16", "qat", "kmeans", "fixed", "w4a8"]
     for mode in MODES.values():
         assert (mode.produce is None) != (mode.from_checkpoint is None), mode.name
         for f in fields(mode.options):
@@ -84,8 +85,8 @@ def test_the_registry_matches_the_command() -> None:
             assert params[f.name].default == f.default, (mode.name, f.name)
     assert set(mode_specific_flags()) == set(SHARED_FIELDS.values()) | {
         "--clusters", "--bits", "--act-bits", "--epochs", "--lr", "--batch-size", "--amp", "--device",
-        "--data-path"}
-    assert {m for m, e in MODES.items() if e.calibrates.__name__ == "_always"} == {"int8", "qat"}
+        "--data-path", "--int8-ends"}
+    assert {m for m, e in MODES.items() if e.calibrates.__name__ == "_always"} == {"int8", "qat", "w4a8"}
 
 
 def test_target_trt_never_depends_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:

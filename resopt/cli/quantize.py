@@ -28,7 +28,7 @@ def quantize_cmd(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="ONNX file to write [default: "
                                                 "MODEL.<mode>.onnx next to MODEL].", show_default=False)] = None,
     mode: Annotated[str, typer.Option("--mode", "-m", help="int8 (static, calibrated, Q/DQ), int8-dynamic, fp16, "
-                                      "qat, kmeans or fixed.")] = "int8",
+                                      "qat, kmeans, fixed or w4a8 (int4 weights, 8-bit activations).")] = "int8",
     target: Annotated[str, typer.Option("--target", help="Q/DQ flavour for --mode int8: cpu (onnxruntime on "
                                         "x86: uint8 activations) or trt (TensorRT: symmetric int8).")] = "cpu",
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Calibration images: a folder (class "
@@ -64,8 +64,8 @@ def quantize_cmd(
     max_exclude: Annotated[int | None, typer.Option("--max-exclude", help="Most layers the guard may keep in "
                                                     "FP32 [default: a quarter of them].",
                                                     show_default=False)] = None,
-    ptq: Annotated[str | None, typer.Option("--ptq", help="--mode int8: post-training steps before quantizing, "
-                                            "any of cle,bias-correction,adaround in that order (cross-layer "
+    ptq: Annotated[str | None, typer.Option("--ptq", help="--mode int8, w4a8: post-training steps before "
+                                            "quantizing, any of cle,bias-correction,adaround in that order (cross-layer "
                                             "equalization, bias correction, learned rounding), seeded by --seed.",
                                             show_default=False)] = None,
     clusters: Annotated[int, typer.Option("--clusters", help="--mode kmeans: shared values per layer "
@@ -74,6 +74,8 @@ def quantize_cmd(
     act_bits: Annotated[int | None, typer.Option("--act-bits", help="--mode fixed: also round the inputs of "
                                                  "every layer to this many bits (2..8) [default: float].",
                                                  show_default=False)] = None,
+    int8_ends: Annotated[bool, typer.Option("--int8-ends/--int4-ends", help="--mode w4a8: keep the first conv "
+                                            "and the classifier at 8 bits (--int4-ends: 4 bits too).")] = True,
     epochs: Annotated[int, typer.Option("--epochs", help="--mode qat: fine-tuning epochs.")] = 3,
     lr: Annotated[float, typer.Option("--lr", help="--mode qat: peak learning rate (cosine decay; BatchNorm is "
                                       "frozen, so keep it small).")] = 1e-3,
@@ -91,8 +93,10 @@ def quantize_cmd(
     --mode int8 (default) calibrates activation ranges on real images with the model's own
     preprocessing and writes a Q/DQ ONNX: --target cpu (uint8 activations, int8 per-channel weights,
     onnxruntime pre-processing: the fastest with onnxruntime on x86) or --target trt (symmetric int8,
-    residual adds in INT8, for TensorRT). int8-dynamic and fp16 need no calibration. kmeans (--clusters)
-    and fixed (--bits, --act-bits) take an .onnx or a .pt; qat fine-tunes a .pt with fake quantization
+    residual adds in INT8, for TensorRT). w4a8 stores int4 per-channel weights packed in the file (opset 21
+    Q/DQ, about 8x smaller than FP32) with calibrated uint8 activations, the first conv and the classifier at
+    int8 (--int4-ends: at 4 bits too). int8-dynamic and fp16 need no calibration. kmeans (--clusters)
+    and fixed (--bits, --act-bits) take an .onnx or a .pt (w4a8 too); qat fine-tunes a .pt with fake quantization
     (--epochs, --lr, --data) and exports it. With --data, top-1/top-5 of the result and its parent are
     measured on the test split, and --max-drop keeps the most sensitive layers in FP32 until the drop is
     within bounds (exit 7 when no setting meets it).
@@ -164,6 +168,12 @@ def _render(d: dict[str, Any]) -> Any:
     if d.get("calibration"):
         c = d["calibration"]
         lines.append(f"calibration: {c['images']} images from {c['source']} (sha256 {c['sha256'][:12]})")
+    if d.get("w4a8"):
+        w = d["w4a8"]
+        bits = list(w["layer_bits"].values())
+        lines.append(f"weights: {bits.count(4)} layers int4 ({w['int4_weights']:,} weights, packed 2 per byte), "
+                     f"{bits.count(8)} int8 ({', '.join(w['int8_layers']) or 'none'})"
+                     + (f", {w['float_weights']:,} float" if w["float_weights"] else ""))
     if d.get("clustered"):
         worst = min(d["clustered"], key=lambda c: c["sqnr_db"])
         lines.append(f"k-means: {len(d['clustered'])} weights clustered; lowest weight SQNR "

@@ -52,6 +52,14 @@ class FixedOptions:
 
 
 @dataclass(frozen=True)
+class W4a8Options:
+    int8_ends: bool = True  # the first conv and the classifier at 8 bits (they hold few weights and lose most)
+
+    def validate(self, cfg: QuantizeConfig) -> None:
+        return None
+
+
+@dataclass(frozen=True)
 class QatOptions:
     """The fine-tuning of ``--mode qat``. The defaults are a short fine-tune at a hundredth of ``train``'s
     learning rate, without warm-up: the weights only need to move by about one quantization step, and with
@@ -76,7 +84,7 @@ class QatOptions:
                            amp=self.amp, seed=seed, device=self.device)
 
 
-ModeOptions = Union[NoOptions, KmeansOptions, FixedOptions, QatOptions]  # noqa: UP007 - a runtime alias
+ModeOptions = Union[NoOptions, KmeansOptions, FixedOptions, QatOptions, W4a8Options]  # noqa: UP007 - a runtime alias
 
 
 @dataclass(frozen=True)

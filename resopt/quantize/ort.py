@@ -19,7 +19,7 @@ import contextlib
 import logging
 import platform
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -164,6 +164,39 @@ def static_qdq(src: Path, dst: Path, ranges: Ranges, *, workdir: Path, target: s
                         reduce_range=reduce_range, activation_type=activation_type, weight_type=QuantType.QInt8,
                         op_types_to_quantize=op_types, nodes_to_exclude=list(exclude) or None,
                         nodes_to_quantize=list(include) or None, extra_options=extra)
+
+
+def static_w4a8(src: Path, dst: Path, ranges: Ranges, *, workdir: Path, int8_weights: Mapping[str, int] | None = None,
+                per_channel: bool = True, reduce_range: bool = False, exclude: tuple[str, ...] = ()) -> None:
+    """Static Q/DQ with int4 weights (symmetric, [-8, 7], scale max|w|/7.5) and uint8 activations; the weights
+    ``int8_weights`` names (initializer -> its output-channel axis) at int8, through ``quantize_static``'s
+    per-tensor overrides (``TensorQuantOverrides``). ``src`` is raised to opset 21 first, where
+    ``DequantizeLinear`` takes int4: the quantizer then writes standard Q/DQ with the int4 weights packed two
+    to a byte (below opset 21 it falls back to onnxruntime's com.microsoft Q/DQ). ``reduce_range`` applies to
+    the int8 weights only: onnxruntime's reduced int4 range ([-4, 3]) would halve the 4-bit grid."""
+    import onnx
+    from onnx import version_converter
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    model = onnx.load(str(src))
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if opset < 21:
+        model = version_converter.convert_version(model, 21)
+    src21 = workdir / "w4a8-opset21.onnx"
+    onnx.save(model, str(src21))
+    cache = ranges.save(workdir / f"ranges-{ranges.method}.json")
+    ort_method = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                  "percentile": CalibrationMethod.Percentile}[ranges.method]
+    int8: dict[str, Any] = {"quant_type": QuantType.QInt8, "symmetric": True, "reduce_range": reduce_range}
+    # Without an axis an override is per-tensor, so per-channel int8 weights name theirs.
+    overrides = {name: [{**int8, **({"axis": axis} if per_channel else {})}]
+                 for name, axis in (int8_weights or {}).items()}
+    with quiet_ort():
+        quantize_static(str(src21), str(dst), calibration_data_reader=None, calibration_cache_path=str(cache),
+                        calibrate_method=ort_method, quant_format=QuantFormat.QDQ, per_channel=per_channel,
+                        reduce_range=False, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt4,
+                        nodes_to_exclude=list(exclude) or None,
+                        extra_options={"WeightSymmetric": True, "TensorQuantOverrides": overrides})
 
 
 def dynamic_int8(src: Path, dst: Path, *, per_channel: bool = True, reduce_range: bool = False,

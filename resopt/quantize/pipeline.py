@@ -278,7 +278,8 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
 
 def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, cs: CalibSet | None, reduce_range: bool,
              produced: Produced) -> Path:
-    """``--ptq``: the float graph rewritten for onnxruntime's int8 weight grid (``resopt.quantize.ptq``)."""
+    """``--ptq``: the float graph rewritten for onnxruntime's weight grid (``resopt.quantize.ptq``): int8's, or
+    the mode's own (``Mode.ptq_grids``: w4a8's int4 grid)."""
     import numpy as np
 
     from resopt.calib import calib_batches
@@ -289,8 +290,9 @@ def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, cs: CalibSet | Non
         assert cs is not None
         images = np.concatenate([x for x, _ in calib_batches(cs, src.pre, batch_size=32, limit=PTQ_IMAGES)])
     out = prepped.with_name("ptq.onnx")
-    record = apply_ptq(prepped, out, cfg.ptq, WeightGrid(64 if reduce_range else 127, cfg.per_channel), images,
-                       seed=cfg.seed)
+    grid, layer_grids = cfg.method.ptq_grids(prepped, cfg, reduce_range) if cfg.method.ptq_grids is not None \
+        else (WeightGrid(64 if reduce_range else 127, cfg.per_channel), {})
+    record = apply_ptq(prepped, out, cfg.ptq, grid, images, seed=cfg.seed, layer_grids=layer_grids)
     produced.options["ptq"] = record
     produced.extra["ptq"] = record
     log(f"--ptq {','.join(cfg.ptq)}: done" + (f" on {record['images']} calibration images" if images is not None

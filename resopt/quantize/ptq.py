@@ -8,8 +8,9 @@ Every step leaves a float model that onnxruntime's quantizer then quantizes with
 
 - CLE rescales consecutive convolutions (Conv [-> Relu] -> Conv): a function-preserving change.
 - AdaRound writes each convolution's weights already on onnxruntime's weight grid (the scale unchanged: the
-  largest weight of each channel keeps its nearest rounding), so the quantizer reproduces the learned
-  up/down rounding exactly.
+  largest weight of each channel is written as it was and keeps its nearest rounding), so the quantizer
+  reproduces the learned up/down rounding exactly; on int8's grid (``--mode int8``) or int4's (``--mode w4a8``,
+  with int8's for the layers it keeps at 8 bits).
 - Bias correction subtracts each convolution's mean output error, measured on the calibration images with
   the weights as they will be stored (after AdaRound when both are asked for), from its bias.
 
@@ -19,7 +20,7 @@ calibration images; they are seeded and deterministic on CPU.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -48,23 +49,53 @@ def parse_ptq(steps: Iterable[str]) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class WeightGrid:
-    """onnxruntime's symmetric int8 weight grid: scale = max|w| / qmax per output channel (or per tensor)."""
+    """onnxruntime's symmetric weight grid: integers in [qmin, qmax] (qmin = -qmax unless given), scale =
+    max|w| / ((qmax - qmin) / 2) per output channel (or per tensor), zero point 0. int8: [-127, 127] (scale
+    max|w|/127; [-64, 64] with reduce_range); int4: [-8, 7], scale max|w|/7.5, as ``quantize_static`` computes
+    them (``compute_scale_zp`` with symmetric weights)."""
 
-    qmax: int = 127  # 127; 64 with reduce_range (onnxruntime's reduced int8 range is [-64, 64])
+    qmax: int = 127  # 127; 64 with reduce_range (onnxruntime's reduced int8 range is [-64, 64]); 7 for int4
     per_channel: bool = True
+    qmin: int | None = None  # None: -qmax; -8 for int4
+
+    @property
+    def low(self) -> int:
+        return -self.qmax if self.qmin is None else self.qmin
+
+    @property
+    def bits(self) -> int:
+        return int(self.qmax - self.low).bit_length()
+
+    def describe(self) -> str:
+        return f"int{self.bits} [{self.low}, {self.qmax}] {'per-channel' if self.per_channel else 'per-tensor'}"
+
+    def absmax(self, w: np.ndarray) -> np.ndarray:
+        import numpy as np
+
+        a = np.abs(w).reshape(w.shape[0], -1).max(axis=1) if self.per_channel else np.full(w.shape[0], np.abs(w).max())
+        return a.reshape((-1,) + (1,) * (w.ndim - 1))
 
     def scales(self, w: np.ndarray) -> np.ndarray:
         import numpy as np
 
-        a = np.abs(w).reshape(w.shape[0], -1).max(axis=1) if self.per_channel else np.full(w.shape[0], np.abs(w).max())
-        s = a / self.qmax
-        return np.where(s > 0, s, 1.0).astype(np.float32).reshape((-1,) + (1,) * (w.ndim - 1))
+        # As onnxruntime computes it: the range 2 max|w| over the integer range in float64, stored as float32.
+        s = (self.absmax(w).astype(np.float64) * 2 / (self.qmax - self.low)).astype(np.float32)
+        return np.where(s > 0, s, np.float32(1.0))
 
     def round_nearest(self, w: np.ndarray) -> np.ndarray:
         import numpy as np
 
         s = self.scales(w)
-        return (np.clip(np.rint(w / s), -self.qmax, self.qmax) * s).astype(np.float32)
+        return (np.clip(np.rint(w / s), self.low, self.qmax) * s).astype(np.float32)
+
+    def stored(self, w: np.ndarray, w_q: np.ndarray) -> np.ndarray:
+        """What to write into the float graph so that onnxruntime's quantizer reproduces ``w_q`` (on this grid):
+        ``w_q``, but each channel's largest-magnitude weight as it was. onnxruntime derives the scale from that
+        weight, and rounds it to nearest as ``w_q`` does; on int4's [-8, 7] grid its nearest value is not its
+        magnitude (7.5 steps rounds to 7 or -8), so writing the rounded value would change the scale."""
+        import numpy as np
+
+        return np.where(np.abs(w) >= self.absmax(w), w, w_q).astype(np.float32)
 
 
 # ------------------------------------------------------------------------------------------ the graph
@@ -241,8 +272,7 @@ def adaround_layer(w: np.ndarray, x: np.ndarray, node: Any, grid: WeightGrid, *,
     base = torch.floor(wt / s)
     rest = (wt / s - base).clamp(1e-4, 1 - 1e-4)
     v = (-torch.log((zeta - gamma) / (rest - gamma) - 1)).requires_grad_(True)
-    keep = (torch.abs(wt) >= torch.abs(wt).reshape(w.shape[0], -1).max(1).values.reshape(-1, 1, 1, 1)) \
-        if grid.per_channel else torch.abs(wt) >= torch.abs(wt).max()
+    keep = torch.abs(wt) >= torch.from_numpy(grid.absmax(w))
     nearest = torch.from_numpy(grid.round_nearest(w))
     with torch.no_grad():
         ref = _conv(xt, wt, node)
@@ -250,8 +280,12 @@ def adaround_layer(w: np.ndarray, x: np.ndarray, node: Any, grid: WeightGrid, *,
     def soft(v: torch.Tensor) -> torch.Tensor:
         return (torch.sigmoid(v) * (zeta - gamma) + gamma).clamp(0, 1)
 
+    # Learned roundings stay within +-min(qmax, -qmin): below that (int4's -8) a weight's magnitude would exceed
+    # its channel's largest, from which onnxruntime derives the scale; that weight keeps its nearest value.
+    sym = min(grid.qmax, -grid.low)
+
     def weights(h: torch.Tensor) -> torch.Tensor:
-        q = torch.clamp(base + h, -grid.qmax, grid.qmax) * s
+        q = torch.clamp(base + h, -sym, sym) * s
         return torch.where(keep, nearest, q)
 
     opt = torch.optim.Adam([v], lr=1e-2)
@@ -294,16 +328,23 @@ def bias_correction(w: np.ndarray, w_q: np.ndarray, x: np.ndarray, node: Any) ->
 
 
 def apply_ptq(src: Path, dst: Path, steps: tuple[str, ...], grid: WeightGrid, images: np.ndarray | None, *,
-              seed: int = 0, iters: int = ADAROUND_ITERS) -> dict[str, Any]:
+              seed: int = 0, iters: int = ADAROUND_ITERS,
+              layer_grids: Mapping[str, WeightGrid] | None = None) -> dict[str, Any]:
     """Run ``steps`` on the float ONNX ``src`` and write ``dst``; returns what each step changed (for the
     lineage). AdaRound runs before bias correction whenever both are given, so the bias is corrected for the
-    weights that are stored."""
+    weights that are stored. ``grid`` is the weight grid of every conv but those ``layer_grids`` names (node
+    name -> grid: ``--mode w4a8`` rounds its 4-bit convs on int4's grid and the ones it keeps at 8 bits on
+    int8's)."""
     import numpy as np
     import onnx
 
     model = onnx.load(str(src))
+    layer_grids = dict(layer_grids or {})
     record: dict[str, Any] = {"steps": list(steps), "seed": seed, "weight_qmax": grid.qmax,
                               "per_channel": grid.per_channel}
+    if layer_grids:
+        record["weight_grid"] = grid.describe()
+        record["layer_grids"] = {name: g.describe() for name, g in layer_grids.items()}
     if "cle" in steps:
         record["cle"] = equalize_cross_layer(model)
     if "adaround" in steps or "bias-correction" in steps:
@@ -316,12 +357,14 @@ def apply_ptq(src: Path, dst: Path, steps: tuple[str, ...], grid: WeightGrid, im
         for i, node in enumerate(_convs(model)):
             w = _array(inits[node.input[1]])
             x = inputs[node.name]
+            g = layer_grids.get(node.name, grid)
             if "adaround" in steps:
-                w_q, info = adaround_layer(w, x, node, grid, iters=iters, seed=seed + i)
-                _set(inits[node.input[1]], w_q)
-                ada.append({"layer": node.name, **{k: float(f"{v:.4g}") for k, v in info.items()}})
+                w_q, info = adaround_layer(w, x, node, g, iters=iters, seed=seed + i)
+                _set(inits[node.input[1]], g.stored(w, w_q))
+                ada.append({"layer": node.name, **({"bits": g.bits} if layer_grids else {}),
+                            **{k: float(f"{v:.4g}") for k, v in info.items()}})
             else:
-                w_q = grid.round_nearest(w)
+                w_q = g.round_nearest(w)
             if "bias-correction" in steps:
                 corr = bias_correction(w, w_q, x, node)
                 bias = _ensure_bias(model, node, w.shape[0])
