@@ -279,8 +279,12 @@ def _registry_takes(command: str, mode: str, flag: str) -> bool:
     if command != "quantize":
         return True
     from resopt.quantize import MODES
+    from resopt.quantize.modes import CALIB_FLAGS
 
-    return MODES[mode].takes(flag)
+    m = MODES[mode]
+    if flag in CALIB_FLAGS:  # taken wherever the calibration set is read: always, or with an option
+        return m.calibrates.__name__ == "_always" or bool(m.calibrates_when)
+    return m.takes(flag)
 
 
 # ------------------------------------------------------------------------------------------- the runs
