@@ -68,13 +68,14 @@ PROBES: dict[str, dict[str, Probe]] = {
     },
     "prune": {
         "--output": P("-o", "other.pt"), "--data": P("--data", "D2"), "--sparsity": P("--sparsity", "0.5"),
-        "--target-macs": P("--target-macs", "0.6", drop=("--sparsity",)), "--global": P("--global"),
+        "--target-macs": P("--target-macs", "0.6", drop=("--sparsity", "--blocks")), "--global": P("--global"),
         "--iterative": P("--iterative"), "--steps": P("--steps", "3", ref=("--iterative",)),
         "--round-to": P("--round-to", "8"), "--layer-ratios": P("--layer-ratios", "0.2,0.3,0.4", drop=("--sparsity",)),
         "--analyze-ratios": P("--analyze-ratios", "0.5"), "--analyze-images": P("--analyze-images", "40"),
         "--finetune-epochs": P("--finetune-epochs", "2"), "--lr": P("--lr", "0.05"),
-        "--teacher": P("--teacher", "TEACHER"), "--alpha": P("--alpha", "0.9", ref=("--teacher", "TEACHER")),
-        "--temperature": P("--temperature", "2", ref=("--teacher", "TEACHER")),
+        "--blocks": P("--blocks", "2"), "--no-distill": P("--no-distill"),
+        "--teacher": P("--teacher", "TEACHER"), "--alpha": P("--alpha", "0.9"),
+        "--temperature": P("--temperature", "2"),
         "--limit-per-class": P("--limit-per-class", "3"), "--val-split": P("--val-split", "0.2"),
         "--select": P("--select", "last", ref=("--finetune-epochs", "2")),
         "--batch-size": P("--batch-size", "16"), "--optimizer": P("--optimizer", "adamw"),
@@ -333,9 +334,13 @@ def test_prune_every_option_takes_effect_or_is_refused(trained_pt: Path, pair_da
             # class measured, so --analyze-images, --limit-per-class and --seed each change which are measured.
             return ["prune", str(trained_pt), "--analyze", "--method", mode.split(":", 1)[1], "--data",
                     str(cifar_small), "--sparsity", "0.3", "--analyze-images", "20", "--analyze-ratios", "0.25,0.75"]
-        amount = ["--sparsity", "0.3"] if "--sparsity" in METHOD_TABLE[mode].takes else []
+        amount = list(METHOD_TABLE[mode].example)
         return ["prune", str(trained_pt), "-o", "out.pt", "--method", mode, "--data", str(d),
                 "--finetune-epochs", "1", "--limit-per-class", "6", *amount]
 
-    runner = Runner(tmp_path, {"D2": str(d2), "TEACHER": str(trained_pt)}, show_stdout=True)
+    # Fine-tuning distills from the parent by default: --teacher's probe names another model (a pruned child).
+    teacher = tmp_path / "teacher.pt"
+    code, _, err = run_captured("prune", str(trained_pt), "--sparsity", "0.3", "--data", str(d), "-o", str(teacher))
+    assert code == 0, err
+    runner = Runner(tmp_path, {"D2": str(d2), "TEACHER": str(teacher)}, show_stdout=True)
     _report("prune", _check_command("prune", base, runner), record_property)

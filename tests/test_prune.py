@@ -234,20 +234,21 @@ def _pre(ckpt: dict):
     (["--sparsity", "0.5", "--target-macs", "0.5"], 2, "--sparsity and --target-macs are alternatives"),
     (["--sparsity", "0.5", "--steps", "3"], 2, "--steps needs --iterative"),
     (["--method", "l3-struct", "--sparsity", "0.5"], 2,
-     "unknown pruning method 'l3-struct'; choose one of: l1-struct, l2-struct, l1-unstruct, 2:4, sfp"),
+     "unknown pruning method 'l3-struct'; choose one of: l1-struct, l2-struct, l1-unstruct, 2:4, sfp, block"),
     (["--method", "2:4", "--sparsity", "0.5"], 2, "Error: --sparsity does not apply to --method 2:4 (it fixes its "
      "pattern: 2 of every 4 weights); it is an option of --method l1-struct, l2-struct, l1-unstruct, sfp"),
     (["--method", "sfp", "--sparsity", "0.3"], 2, "it needs --finetune-epochs >= 1"),
     (["--method", "l1-unstruct", "--target-macs", "0.5"], 2, "Error: --target-macs does not apply to --method "
      "l1-unstruct (zeroed weights leave the MACs of dense kernels unchanged); it is an option of --method "
-     "l1-struct, l2-struct, sfp"),
+     "l1-struct, l2-struct, sfp, block"),
     (["--method", "sfp", "--sparsity", "0.3", "--iterative", "--finetune-epochs", "1"], 2,
      "Error: --iterative does not apply to --method sfp (it already prunes gradually, during fine-tuning); it is "
      "an option of --method l1-struct, l2-struct, l1-unstruct"),
     # Options that depend on another are refused without it, before any work (issue 19).
-    (["--sparsity", "0.3", "--alpha", "0.3"], 2, "Error: --alpha does not apply without --teacher; it is an option "
-     "of --teacher (distillation during fine-tuning)"),
-    (["--sparsity", "0.3", "--temperature", "2"], 2, "Error: --temperature does not apply without --teacher"),
+    (["--sparsity", "0.3", "--alpha", "0.3"], 2, "Error: --alpha does not apply without --finetune-epochs "
+     "(nothing is trained); it is an option of the fine-tuning"),
+    (["--sparsity", "0.3", "--temperature", "2"], 2, "Error: --temperature does not apply without "
+     "--finetune-epochs"),
     (["--sparsity", "0.3", "--analyze-images", "50"], 2, "Error: --analyze-images does not apply without "
      "--analyze; it is an option of --analyze"),
     (["--sparsity", "0.3", "--analyze-ratios", "0.5"], 2, "Error: --analyze-ratios does not apply without "

@@ -160,22 +160,3 @@ def backend_key(kind: str, runtime: str | None) -> str:
 
         raise choice_error("runtime", runtime, tuple(ONNX_RUNTIMES))
     return ONNX_RUNTIMES[runtime]
-
-
-def evaluate_runner(runner: Runner, dataset: Any, *, batch_size: int = 256) -> Any:
-    """top-1/top-5 of ``runner`` on a torch Dataset of (image tensor, label) pairs."""
-    from resopt.data import make_loader
-    from resopt.metrics import TopK
-
-    if runner.max_batch is not None:
-        batch_size = min(batch_size, runner.max_batch)
-    import numpy as np
-
-    acc = TopK()
-    # workers=0: bench evaluates inside daemonic worker processes, which may not start DataLoader workers.
-    for images, labels in make_loader(dataset, batch_size, shuffle=False, workers=0):
-        logits = runner.infer(images.numpy())
-        # NaN logits still yield an argmax (class 0): count them so top-1 is not reported as if it meant something.
-        acc.nonfinite += int((~np.isfinite(logits)).any(axis=1).sum())
-        acc.update(logits, labels.numpy())
-    return acc

@@ -5,14 +5,17 @@ host facts the report carries."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from resopt.bench.config import PT_VARIANTS, BenchConfig
 from resopt.envinfo import available_cores, cpu_capabilities, openvino_version, read_cpu_fields
 from resopt.errors import EnvironmentMismatchError, MissingDependencyError, UsageError
 from resopt.kinds import KINDS, ModelStats, read_artifact_info
+
+if TYPE_CHECKING:
+    from resopt.artifacts import Preprocess
 
 
 def host_info(device: str) -> dict[str, Any]:
@@ -54,6 +57,7 @@ class Planned:
     speed_only: bool = False  # an ONNX without resopt metadata: no preprocessing to measure accuracy with
     backend: str = ""  # BACKENDS key; "" = the kind's default
     runtime: str = ""
+    preprocess: Preprocess | None = None  # what accuracy feeds it (None: speed only)
 
 
 def bare_onnx_input_size(path: Path, batch_sizes: tuple[int, ...]) -> int:
@@ -136,6 +140,7 @@ def preflight(paths: list[Path], cfg: BenchConfig) -> list[Planned]:
 
                 check_classes(info.classes, data_classes, model_name=str(p), data=str(cfg.data))
         stats = KINDS[kind].stats(p, size)
+        rows_before = len(planned)
         if kind == "pt":
             planned += [Planned(p, kind, classes, size, stats, cfg.device,
                                  v if len(cfg.effective_pt_variants) > 1 or v != "fp32" else "", PT_VARIANTS[v])
@@ -151,6 +156,8 @@ def preflight(paths: list[Path], cfg: BenchConfig) -> list[Planned]:
                             for prec in ov_precisions]
         else:
             planned.append(Planned(p, kind, classes, size, stats, cfg.device))
+        if info.preprocess is not None:
+            planned[rows_before:] = [replace(row, preprocess=info.preprocess) for row in planned[rows_before:]]
     return planned
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from resopt.errors import ResoptError, UsageError
+from resopt.errors import ResoptError
 
 
 def _proc_status(key: str) -> int | None:
@@ -60,7 +60,7 @@ def worker_main(conn: Any, path: str, device: str, threads: int, options: dict[s
 
         cls = runner_class(backend or artifact_kind(Path(path)))
         cls.load_runtime()
-        import numpy  # noqa: F401  (every runner returns numpy)
+        import numpy  # every runner returns numpy
 
         _release_free_memory()
         baseline = _proc_status("VmRSS")
@@ -84,17 +84,13 @@ def worker_main(conn: Any, path: str, device: str, threads: int, options: dict[s
                 hwm = _proc_status("VmHWM")
                 peak = hwm - baseline if can_reset and hwm is not None and baseline is not None else None
                 conn.send(("times", times, peak, runner.peak_device_memory()))
-            elif msg[0] == "eval":
-                _, data, per_class, eval_bs = msg
-                from resopt.backends import evaluate_runner
-                from resopt.data import load_eval_set
-
-                if runner.preprocess is None:
-                    raise UsageError(f"{path} records no preprocessing; cannot evaluate it")
-                dataset = load_eval_set(data, runner.preprocess, per_class=per_class)
-                # bench reports: the test split, which nothing resopt chooses is chosen on.
-                acc = {**evaluate_runner(runner, dataset, batch_size=eval_bs).as_dict(), "split": "test"}
-                conn.send(("accuracy", acc))
+            elif msg[0] == "infer":
+                # Accuracy: the parent decodes each batch once and hands it to every file that takes the same
+                # preprocessing, so a worker never imports torch or torchvision only to read images.
+                images = msg[1]
+                step = runner.max_batch or len(images)
+                conn.send(("logits", numpy.concatenate([runner.infer(images[j:j + step])
+                                                        for j in range(0, len(images), step)])))
     except ResoptError as e:
         conn.send(("error", type(e).__name__, e.message, e.hint))
     except BaseException:  # a bug or a runtime failure: hand the traceback to the parent to show

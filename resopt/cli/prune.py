@@ -1,4 +1,5 @@
-"""``resopt prune``: .pt -> smaller .pt (structured, soft-filter, unstructured or 2:4), fine-tuned and verified."""
+"""``resopt prune``: .pt -> smaller .pt (structured, soft-filter, unstructured, 2:4 or block), fine-tuned and
+verified."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def prune_cmd(
                                                 "[default: MODEL.pruned.pt].", show_default=False)] = None,
     data: DataOpt = None,
     method: Annotated[str, typer.Option("--method", "-m", help="l1-struct, l2-struct (remove channels), sfp (soft "
-                                        "filter pruning), l1-unstruct (zero weights) or 2:4.")] = "l1-struct",
+                                        "filter pruning), l1-unstruct (zero weights), 2:4 or block (remove "
+                                        "residual blocks).")] = "l1-struct",
     sparsity: Annotated[float | None, typer.Option("--sparsity", "-s", help="Fraction removed: of each layer's "
                                                    "channels (structured, or in total with --global), or of the "
                                                    "weights (l1-unstruct).", show_default=False)] = None,
@@ -62,6 +64,8 @@ def prune_cmd(
     layer_ratios: Annotated[str | None, typer.Option("--layer-ratios", help="Per-stage, per-block or per-layer "
                                                      "ratios (0.1,0.2,0.3) or name=ratio pairs "
                                                      "(layer3=0.5,conv1=0.1).", show_default=False)] = None,
+    blocks: Annotated[int | None, typer.Option("--blocks", help="--method block: how many residual blocks to "
+                                               "remove (the least important on val).", show_default=False)] = None,
     analyze: Annotated[bool, typer.Option("--analyze", help="Measure each layer's top-1 drop at "
                                           "--analyze-ratios, print the table and propose --layer-ratios for "
                                           "--sparsity or --target-macs; writes no model.")] = False,
@@ -72,10 +76,12 @@ def prune_cmd(
     finetune_epochs: Annotated[int, typer.Option("--finetune-epochs", help="Fine-tuning epochs after pruning "
                                                  "(after each step with --iterative).")] = 0,
     lr: Annotated[float, typer.Option("--lr", help="Peak fine-tuning learning rate (cosine decay).")] = 0.01,
-    teacher: Annotated[Path | None, typer.Option("--teacher", help="Fine-tune with distillation from this .pt.",
-                                                 show_default=False)] = None,
-    alpha: Annotated[float, typer.Option("--alpha", help="With --teacher: weight of the label loss.")] = 0.5,
-    temperature: Annotated[float, typer.Option("--temperature", help="With --teacher: softmax temperature.")] = 4.0,
+    teacher: Annotated[Path | None, typer.Option("--teacher", help="Distil the fine-tuning from this .pt instead "
+                                                 "of the unpruned parent.", show_default=False)] = None,
+    no_distill: Annotated[bool, typer.Option("--no-distill", help="Fine-tune on the labels alone, without the "
+                                             "parent (or --teacher) distilling.")] = False,
+    alpha: Annotated[float, typer.Option("--alpha", help="Distillation: weight of the label loss.")] = 0.5,
+    temperature: Annotated[float, typer.Option("--temperature", help="Distillation: softmax temperature.")] = 4.0,
     limit_per_class: LimitOpt = None,
     val_split: ValSplitOpt = None,
     select: SelectOpt = "best",
@@ -99,6 +105,8 @@ def prune_cmd(
     Structured methods (l1-struct, l2-struct, sfp) remove whole channels through Torch-Pruning's
     dependency graph, so params, MACs and file size fall and the result exports, quantizes and runs
     faster anywhere. l1-unstruct and 2:4 zero weights: fewer non-zeros, but no faster on dense kernels.
+    block removes whole residual blocks, the least important on val. Fine-tuning distills from the
+    unpruned parent (--teacher names another, --no-distill uses the labels alone).
 
     Examples:
 
@@ -107,6 +115,8 @@ def prune_cmd(
       resopt prune r56.pt --iterative --steps 5 --target-macs 0.5 --finetune-epochs 2 --data cifar10
 
       resopt prune r18.pt --method 2:4 --finetune-epochs 1 --data cifar10 -o r18.24.pt
+
+      resopt prune r56.pt --method block --blocks 9 --finetune-epochs 2 --data cifar10 -o r56.d18.pt
 
       resopt prune r20.pt --analyze --sparsity 0.5 --data cifar10
     """
@@ -117,7 +127,7 @@ def prune_cmd(
 
     # An option that would have no effect is an error, not ignored.
     check_flags_apply(method, given_flags(ctx), analyze=analyze, finetune=finetune_epochs > 0,
-                      teacher=teacher is not None)
+                      distill=not no_distill)
 
     if data is None:
         from resopt.calib import data_from_checkpoint
@@ -144,7 +154,8 @@ def prune_cmd(
 
     cfg = PruneConfig(method=method, sparsity=sparsity, target_macs=target_macs, global_=global_,
                       iterative=iterative, steps=steps, round_to=round_to, layer_ratios=layer_ratios,
-                      finetune_epochs=finetune_epochs, teacher=teacher, alpha=alpha, temperature=temperature)
+                      finetune_epochs=finetune_epochs, teacher=teacher, alpha=alpha, temperature=temperature,
+                      blocks=blocks, distill=not no_distill)
     train = train_config(locals(), epochs=max(1, finetune_epochs))
     result = prune_checkpoint(model, cfg, data=data_opts, train=train,
                               output=output or default_output(model, ".pruned.pt"))

@@ -109,7 +109,10 @@ def arch_names() -> list[str]:
     return list(REGISTRY)
 
 
-def build_model(arch: str, num_classes: int, *, width: float = 1.0, pretrained: bool = False) -> nn.Module:
+def build_model(arch: str, num_classes: int, *, width: float = 1.0, pretrained: bool = False,
+                blocks: list[int] | None = None) -> nn.Module:
+    """A fresh ``arch``; ``blocks`` (blocks per residual stage, as block pruning records them) keeps only the
+    first that many blocks of each stage."""
     spec = get_spec(arch)
     if num_classes < 2:
         raise UsageError(f"num_classes must be at least 2, got {num_classes}")
@@ -118,6 +121,8 @@ def build_model(arch: str, num_classes: int, *, width: float = 1.0, pretrained: 
     model = spec.builder(num_classes=num_classes, width=width)
     if pretrained:
         load_pretrained(model, spec, width=width)
+    if blocks is not None:
+        set_stage_depths(model, blocks)
     return model
 
 
@@ -140,6 +145,53 @@ def load_pretrained(model: nn.Module, spec: ModelSpec, *, width: float) -> None:
     own = model.state_dict()
     state = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     model.load_state_dict(state, strict=False)
+
+
+# ------------------------------------------------------------------------------- depth (block pruning)
+
+
+def residual_stages(model: nn.Module) -> dict[str, nn.Sequential]:
+    """The residual stages of a ResNet (``layer1``, ``layer2``, ...: sequences of blocks), in order; empty
+    for a model without them (VGG)."""
+    from torch import nn
+
+    return {name: m for name, m in model.named_children() if name.startswith("layer") and name[5:].isdigit()
+            and isinstance(m, nn.Sequential)}
+
+
+def stage_depths(model: nn.Module) -> list[int]:
+    """Blocks per residual stage."""
+    return [len(s) for s in residual_stages(model).values()]
+
+
+def identity_shortcut(block: nn.Module) -> bool:
+    """The block adds its input unchanged: the CIFAR blocks' ``shortcut`` is ``nn.Identity``, torchvision's
+    ``downsample`` is ``None`` (and the stride 1, so the shape is kept)."""
+    from torch import nn
+
+    if hasattr(block, "shortcut"):
+        return isinstance(block.shortcut, nn.Identity)
+    if hasattr(block, "downsample"):
+        return block.downsample is None
+    return False
+
+
+def set_stage_depths(model: nn.Module, depths: list[int]) -> nn.Module:
+    """Keep the first ``depths[i]`` blocks of stage i. A block past a stage's first has the identity shortcut
+    and its stage's width in and out, so a stage of the recorded depth takes the kept blocks' weights in order,
+    however many blocks were removed between them."""
+    from torch import nn
+
+    stages = residual_stages(model)
+    full = [len(s) for s in stages.values()]
+    if (len(depths) != len(full) or any(isinstance(d, bool) or not isinstance(d, int) for d in depths)
+            or any(not 1 <= d <= f for d, f in zip(depths, full, strict=True))):
+        raise InputFileError(f"blocks per stage {depths} do not fit this architecture ({len(full)} stages of at "
+                             f"most {full} blocks, at least 1 each)")
+    for (name, stage), d in zip(stages.items(), depths, strict=True):
+        if d < len(stage):
+            setattr(model, name, nn.Sequential(*list(stage)[:d]))
+    return model
 
 
 # --------------------------------------------------------------------------------- widths (pruning)
@@ -189,7 +241,9 @@ def apply_widths(model: nn.Module, widths: dict[str, list[int]]) -> nn.Module:
 def model_from_checkpoint(ckpt: dict[str, Any]) -> nn.Module:
     """Rebuild the ``nn.Module`` a checkpoint describes, in eval mode, on CPU."""
     kwargs = dict(ckpt.get("arch_kwargs", {}))
-    model = build_model(ckpt["arch"], int(ckpt["num_classes"]), width=float(kwargs.get("width", 1.0)))
+    blocks = kwargs.get("blocks")
+    model = build_model(ckpt["arch"], int(ckpt["num_classes"]), width=float(kwargs.get("width", 1.0)),
+                        blocks=None if blocks is None else list(blocks))
     if ckpt.get("widths"):
         apply_widths(model, ckpt["widths"])
     try:

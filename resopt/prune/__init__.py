@@ -11,6 +11,10 @@
   fine-tuning and folded into the weights.
 - ``2:4``: two of every four consecutive input-channel weights are zero, the layout of TensorRT's
   sparse kernels.
+- ``block``: remove whole residual blocks (identity shortcut, never a stage's first), the least important
+  by the val loss change when each is bypassed; the checkpoint records the blocks per stage.
+
+Fine-tuning distills from the unpruned parent unless ``--teacher`` names another or ``--no-distill``.
 
 ``prune_checkpoint`` is the ``prune`` command's work (each method's runner is in ``methods.RUNNERS``);
 ``analyze_checkpoint`` its ``--analyze``.
@@ -64,6 +68,8 @@ class PruneConfig:
     teacher: Path | None = None
     alpha: float = 0.5
     temperature: float = 4.0
+    blocks: int | None = None  # block: how many residual blocks to remove
+    distill: bool = True  # fine-tuning distills from the teacher (the parent unless --teacher)
 
     @property
     def n_steps(self) -> int:
@@ -104,6 +110,13 @@ class PruneConfig:
             raise UsageError(f"--method {self.method} prunes while fine-tuning; it needs --finetune-epochs >= 1")
         if self.teacher is not None and self.finetune_epochs < 1:
             raise UsageError("--teacher distils during fine-tuning; add --finetune-epochs")
+        if self.teacher is not None and not self.distill:
+            raise UsageError("--teacher does not apply with --no-distill; it names who distils into the fine-tuning",
+                             hint="drop --no-distill, or drop --teacher")
+        if self.blocks is not None and self.target_macs is not None:
+            raise UsageError("--blocks and --target-macs are alternatives; give one of them")
+        if self.blocks is not None and self.blocks < 1:
+            raise UsageError(f"--blocks must be at least 1, got {self.blocks}")
 
 
 @dataclass(frozen=True)
@@ -130,6 +143,7 @@ class PruneResult:
     channel_sparsity: float  # fraction of conv/linear output channels removed (classifier excluded)
     weight_sparsity: float  # fraction of conv/linear weights that are zero
     val_images: int
+    teacher: str | None = None  # who distilled into the fine-tuning (the parent unless --teacher), or None
     test_before: float | None = None  # test top-1 of the parent and of the result, measured once each
     test_after: float | None = None
     test_images: int = 0
@@ -139,6 +153,7 @@ class PruneResult:
     skipped_layers: list[dict[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     fits: list[FitResult] = field(default_factory=list)
+    record: dict[str, Any] = field(default_factory=dict)  # the method's own metrics (block: what it removed)
 
     def reported(self) -> dict[str, Any]:
         """top-1 of the result and its parent as reported: on test (measured once, after every choice was
@@ -159,7 +174,7 @@ class PruneResult:
                 "parent_params": self.before.params, "parent_macs": self.before.macs, "method": self.method,
                 "channel_sparsity": round(self.channel_sparsity, 4),
                 "weight_sparsity": round(self.weight_sparsity, 4),
-                **({"ratio": round(self.ratio, 4)} if self.ratio else {})}
+                **({"ratio": round(self.ratio, 4)} if self.ratio else {}), **self.record}
 
     def summary(self) -> dict[str, Any]:
         return {"output": str(self.output), "parent": str(self.parent), "method": self.method,
@@ -167,7 +182,7 @@ class PruneResult:
                 "val_top1_before_finetune": round(self.top1_pruned, 3), "finetune_epochs": self.finetune_epochs,
                 "channel_sparsity": round(self.channel_sparsity, 4),
                 "weight_sparsity": round(self.weight_sparsity, 4),
-                "ratio": None if self.ratio is None else round(self.ratio, 4),
+                "ratio": None if self.ratio is None else round(self.ratio, 4), "teacher": self.teacher,
                 "macs_fraction": round(self.after.macs / max(1, self.before.macs), 4),
                 "params_fraction": round(self.after.params / max(1, self.before.params), 4),
                 **self.reported(), "val_images": self.val_images, "steps": self.steps,
@@ -213,6 +228,19 @@ def _decoded(dataset: Any, input_size: int, *, max_bytes: int = 512 * 2**20) -> 
     return TensorDataset(*stack_images(dataset))
 
 
+def _val_sample(val: Any, limit: int = 2000, *, seed: int = 0) -> tuple[Any, Any]:
+    """At most ``limit`` val images (class-balanced when there are more) and their labels, stacked."""
+    from torch.utils.data import Subset
+
+    from resopt.data import balanced_indices, stack_images, targets_of
+
+    if len(val) <= limit:
+        return stack_images(val)
+    targets = val.tensors[1].tolist() if hasattr(val, "tensors") else targets_of(val)
+    per_class = max(1, limit // len(set(targets)))
+    return stack_images(Subset(val, balanced_indices(targets, per_class, seed=seed)))
+
+
 def _stats(model: nn.Module, input_size: int, file_bytes: int, top1: float) -> ModelStats:
     from resopt.models import count_macs, count_params
 
@@ -243,9 +271,10 @@ def prune_checkpoint(
     import torch
 
     from resopt.artifacts import atomic_output, check_output_path, checkpoint_preprocess, lineage_entry, make_checkpoint
+    from resopt.backends.cuda import resolve_device
     from resopt.data import stack_images
     from resopt.distill import DistillConfig, kd_loss_fn, load_teacher, model_top1
-    from resopt.models import model_from_checkpoint, model_widths
+    from resopt.models import model_from_checkpoint, model_widths, stage_depths
     from resopt.prune.sensitivity import conv_out_channels
     from resopt.train import fit, measure_test
 
@@ -269,9 +298,15 @@ def prune_checkpoint(
                         model_path.name, device=train.device)
     prepared.val = _decoded(prepared.val, pre.input_size)
     loss_fn = None
-    if cfg.teacher is not None:
-        teacher = load_teacher(Path(cfg.teacher), classes=prepared.classes, preprocess=pre, data=data.data)
+    # Recovery distills from the unpruned parent (read again from its file: the model below is pruned in
+    # place) unless --teacher names another or --no-distill asks for labels only.
+    teacher_path = (Path(cfg.teacher) if cfg.teacher is not None else model_path) \
+        if cfg.finetune_epochs > 0 and cfg.distill else None
+    if teacher_path is not None:
+        teacher = load_teacher(teacher_path, classes=prepared.classes, preprocess=pre, data=data.data)
         loss_fn = kd_loss_fn(teacher, dcfg, label_smoothing=ft_cfg.label_smoothing)
+        log(f"fine-tuning distills from {'the parent ' if cfg.teacher is None else ''}{teacher_path.name} "
+            f"(alpha {cfg.alpha:g}, temperature {cfg.temperature:g})")
 
     def top1(m: nn.Module) -> float:
         return model_top1(m, prepared.val, ft_cfg)
@@ -291,7 +326,9 @@ def prune_checkpoint(
     log(f"pruning {model_path.name} ({ckpt['arch']}, val top-1 {before.top1:.2f}% on {prepared.val_note}) "
         f"with {cfg.method}; every choice is made on val")
     work = Work(model=model, cfg=cfg, input_size=size, top1=top1, fine_tune=fine_tune, parent_macs=before.macs,
-                probe=lambda: stack_images(prepared.val, 32)[0])
+                probe=lambda: stack_images(prepared.val, 32)[0], val_images=lambda: _val_sample(prepared.val),
+                device=str(resolve_device(train.device)))
+    parent_depths = stage_depths(model)
     RUNNERS[cfg.method](work)
 
     model.eval()
@@ -304,6 +341,7 @@ def prune_checkpoint(
                          before=before, after=_stats(model, size, 0, after_top1), top1_pruned=work.top1_pruned,
                          finetune_epochs=cfg.finetune_epochs, channel_sparsity=channel_sparsity,
                          weight_sparsity=_weight_sparsity(model), val_images=len(prepared.val),  # type: ignore
+                         teacher=None if teacher_path is None else str(teacher_path), record=work.record,
                          test_before=None if parent_test is None else parent_test.top1,
                          test_after=None if test is None else test.top1, test_images=0 if test is None else test.n,
                          splits=prepared.splits, ratio=work.ratio, steps=work.steps,
@@ -313,16 +351,21 @@ def prune_checkpoint(
     opts = {"method": cfg.method, "sparsity": cfg.sparsity, "target_macs": cfg.target_macs, "global": cfg.global_,
             "iterative": cfg.iterative, "steps": cfg.n_steps, "round_to": cfg.round_to,
             "layer_ratios": cfg.layer_ratios, "finetune_epochs": cfg.finetune_epochs,
-            "teacher": None if cfg.teacher is None else str(cfg.teacher),
-            **({"alpha": cfg.alpha, "temperature": cfg.temperature} if cfg.teacher else {}),
+            "blocks": cfg.blocks, "distill": teacher_path is not None,
+            "teacher": None if teacher_path is None else str(teacher_path),
+            "teacher_is_parent": teacher_path is not None and cfg.teacher is None,
+            **({"alpha": cfg.alpha, "temperature": cfg.temperature} if teacher_path is not None else {}),
             "data": data.data, "limit_per_class": data.limit_per_class, "val_split": prepared.val_split.fraction,
             "data_path": data.data_path, **{k: v for k, v in asdict(ft_cfg).items() if k != "epochs"},
             **(options or {})}
-    extra = {"teacher": Path(cfg.teacher)} if cfg.teacher is not None else None
+    extra = {"teacher": teacher_path} if teacher_path is not None else None
     # The fine-tuning curves (every fine-tune, in order) travel in the lineage for `resopt report`.
     history = [row for f in result.fits for row in f.history]
+    arch_kwargs = dict(ckpt.get("arch_kwargs", {}))
+    if stage_depths(model) != parent_depths or "blocks" in arch_kwargs:
+        arch_kwargs["blocks"] = stage_depths(model)  # block pruning: what model_from_checkpoint rebuilds
     out_ckpt = make_checkpoint(
-        arch=ckpt["arch"], arch_kwargs=ckpt.get("arch_kwargs", {}), state_dict=model.state_dict(),
+        arch=ckpt["arch"], arch_kwargs=arch_kwargs, state_dict=model.state_dict(),
         classes=ckpt["classes"], preprocess=pre, metrics=result.metrics(), widths=model_widths(model),
         lineage=list(ckpt.get("lineage", [])) + [lineage_entry("prune", options=opts, parent=model_path,
                                                                metrics={**result.metrics(), "history": history},

@@ -45,6 +45,9 @@ class Work:
     notes: list[str] = field(default_factory=list)
     fits: list[FitResult] = field(default_factory=list)
     probe: Callable[[], Any] | None = None  # a few evaluation images (sfp checks the channels it removes on them)
+    val_images: Callable[[], tuple[Any, Any]] | None = None  # (images, labels) of the val split, class-balanced
+    device: str = "cpu"
+    record: dict[str, Any] = field(default_factory=dict)  # method-specific metrics for the lineage
 
     def finetuned(self, description: str, hooks: tuple[Any, ...] = ()) -> FitResult | None:
         fit_result = self.fine_tune(description, hooks)
@@ -167,11 +170,38 @@ def run_24(work: Work) -> None:
     work.notes.append(NM_NOTE + DENSE_NOTE)
 
 
+def run_block(work: Work) -> None:
+    from resopt.models import stage_depths
+    from resopt.prune.block import choose_blocks, remove_blocks, removed_summary, score_blocks
+
+    cfg, model = work.cfg, work.model
+    assert work.val_images is not None
+    images, labels = work.val_images()
+    parent_depths = stage_depths(model)
+    log(f"block importance: bypassing each removable block once on {len(labels)} val images")
+    scores = score_blocks(model, images, labels, input_size=work.input_size, device=work.device)
+    target = None if cfg.target_macs is None else int(cfg.target_macs * work.parent_macs)
+    chosen = choose_blocks(scores, n=cfg.blocks, target_macs=target, total_macs=work.parent_macs)
+    remove_blocks(model, chosen)
+    summary = removed_summary(chosen, sum(parent_depths), len(parent_depths))
+    log(summary + ": " + ", ".join(f"{b.name} (val loss {b.loss_change:+.4f}, top-1 {b.top1_change:+.2f})"
+                                   for b in chosen))
+    work.top1_pruned = work.top1(model)
+    log(f"prune: val top-1 {work.top1_pruned:.2f}% before fine-tuning")
+    fit_result = work.finetuned("fine-tune")
+    work.steps.append(step_row(work, 1, work.top1_pruned, fit_result))
+    work.notes.append(f"{summary}, ranked by the val loss change when each is bypassed "
+                      f"({len(labels)} val images); blocks per stage {parent_depths} -> {stage_depths(model)}")
+    work.record["blocks"] = {"removed": [b.name for b in chosen], "parent_depths": parent_depths,
+                             "depths": stage_depths(model), "val_images": len(labels),
+                             "importance": [b.to_dict() for b in scores]}
+
+
 # The options only some methods take: PruneConfig field -> flag. Every other option of `prune` applies to every
 # method (the fine-tuning, data and output options).
 METHOD_FIELDS = {"sparsity": "--sparsity", "target_macs": "--target-macs", "global_": "--global",
                  "iterative": "--iterative", "steps": "--steps", "round_to": "--round-to",
-                 "layer_ratios": "--layer-ratios"}
+                 "layer_ratios": "--layer-ratios", "blocks": "--blocks"}
 
 
 @dataclass(frozen=True)
@@ -182,44 +212,59 @@ class Method:
     run: Callable[[Work], None]
     takes: tuple[str, ...]  # the flags of METHOD_FIELDS it takes
     amount: tuple[str, ...] = ()  # it needs one of these flags (how much to prune); () when fixed
-    structured: bool = False  # removes whole channels: params, MACs and the file shrink
+    structured: bool = False  # removes whole channels (or blocks): params, MACs and the file shrink
     norm: int = 1  # the channel (or weight) norm it ranks by
     needs_finetune: bool = False  # it prunes while fine-tuning
-    analyzes: bool = False  # --analyze can rank channels as it does
+    analyze_takes: tuple[str, ...] = ()  # the flags of METHOD_FIELDS --analyze takes with it; () when it cannot
     why_not: str = ""  # appended to the refusal of a flag it does not take
+    example: tuple[str, ...] = ()  # a typical amount, for the help and the tests (``--sparsity 0.3``)
+
+    @property
+    def analyzes(self) -> bool:
+        """--analyze can rank channels as it does."""
+        return bool(self.analyze_takes)
 
     def check_amount(self, given: Iterable[str]) -> None:
         if self.amount and not set(self.amount) & set(given):
             names = ", ".join(self.amount[:-1]) + (" or " if len(self.amount) > 1 else "") + self.amount[-1]
             raise UsageError(f"--method {self.name} needs {names}",
-                             hint=f"e.g. {self.amount[0]} 0.5" if self.amount[0] == "--sparsity" else None)
+                             hint=f"e.g. --method {self.name} {' '.join(self.example)}" if self.example else None)
 
 
 _STRUCT = ("--sparsity", "--target-macs", "--global", "--round-to", "--layer-ratios")
 _STRUCT_AMOUNT = ("--sparsity", "--target-macs", "--layer-ratios")
+# --analyze proposes --layer-ratios for a --sparsity or --target-macs (rounded with --round-to).
+_ANALYZE = ("--sparsity", "--target-macs", "--round-to")
 
 METHOD_TABLE: dict[str, Method] = {m.name: m for m in (
     Method("l1-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
-           norm=1, analyzes=True),
+           norm=1, analyze_takes=_ANALYZE, example=("--sparsity", "0.3")),
     Method("l2-struct", run_structured, _STRUCT + ("--iterative", "--steps"), _STRUCT_AMOUNT, structured=True,
-           norm=2, analyzes=True),
+           norm=2, analyze_takes=_ANALYZE, example=("--sparsity", "0.3")),
     Method("l1-unstruct", run_unstructured, ("--sparsity", "--global", "--iterative", "--steps"), ("--sparsity",),
-           norm=1, why_not="zeroed weights leave the MACs of dense kernels unchanged"),
+           norm=1, why_not="zeroed weights leave the MACs of dense kernels unchanged", example=("--sparsity", "0.3")),
     Method("2:4", run_24, (), why_not="it fixes its pattern: 2 of every 4 weights"),
     Method("sfp", run_sfp, _STRUCT, _STRUCT_AMOUNT, structured=True, norm=2, needs_finetune=True,
-           why_not="it already prunes gradually, during fine-tuning"),
+           why_not="it already prunes gradually, during fine-tuning", example=("--sparsity", "0.3")),
+    Method("block", run_block, ("--blocks", "--target-macs"), ("--blocks", "--target-macs"), structured=True,
+           why_not="it removes whole residual blocks; prune the result's channels with a second prune",
+           example=("--blocks", "1")),
 )}
 
 RUNNERS: dict[str, Callable[[Work], None]] = {name: m.run for name, m in METHOD_TABLE.items()}
 
-# --analyze measures and proposes; it writes no model, so it takes only these of prune's options.
-ANALYZE_TAKES = ("--method", "--sparsity", "--target-macs", "--round-to", "--analyze", "--analyze-ratios",
-                 "--analyze-images", "--data", "--limit-per-class", "--val-split", "--seed", "--json", "--help")
 ANALYZE_ONLY = ("--analyze-ratios", "--analyze-images")
-TEACHER_ONLY = ("--alpha", "--temperature")
-# What only the fine-tuning reads (the training split, the optimizer): nothing without --finetune-epochs.
-FIT_ONLY = ("--lr", "--teacher", "--optimizer", "--momentum", "--nesterov", "--weight-decay", "--warmup-epochs",
-            "--label-smoothing", "--data-path")
+# --analyze measures and proposes; it writes no model, so it takes only the method flags the analyzing methods
+# name (``Method.analyze_takes``) and these of prune's options.
+ANALYZE_TAKES = ("--method", "--analyze", *ANALYZE_ONLY,
+                 *dict.fromkeys(f for m in METHOD_TABLE.values() for f in m.analyze_takes),
+                 "--data", "--limit-per-class", "--val-split", "--seed", "--json", "--help")
+# What only distillation reads: nothing with --no-distill.
+DISTILL_ONLY = ("--teacher", "--alpha", "--temperature")
+# What only the fine-tuning reads (the training split, the optimizer, the teacher): nothing without
+# --finetune-epochs.
+FIT_ONLY = ("--lr", "--teacher", "--alpha", "--temperature", "--no-distill", "--optimizer", "--momentum",
+            "--nesterov", "--weight-decay", "--warmup-epochs", "--label-smoothing", "--data-path")
 
 
 def method_users() -> dict[str, list[str]]:
@@ -251,11 +296,11 @@ def check_method_flags(method: str, given: Iterable[str]) -> None:
                              f"{', '.join(users[flag])}", hint=f"drop {flag}")
 
 
-def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finetune: bool, teacher: bool) -> None:
+def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finetune: bool, distill: bool) -> None:
     """Every flag the user typed (``given``) must take effect: a ``UsageError`` (exit 2) naming who takes the
     first one that would not, for ``--analyze``, for the method, and for the options that depend on another
-    (``--alpha`` on ``--teacher``, the optimizer on ``--finetune-epochs``, ``--analyze-ratios`` on
-    ``--analyze``)."""
+    (the optimizer and the teacher on ``--finetune-epochs``, ``--alpha`` on distillation, ``--analyze-ratios``
+    on ``--analyze``)."""
     given = list(given)
     if analyze:
         for flag in given:
@@ -272,10 +317,11 @@ def check_flags_apply(method: str, given: Iterable[str], *, analyze: bool, finet
         if flag in ANALYZE_ONLY:
             raise UsageError(f"{flag} does not apply without --analyze; it is an option of --analyze",
                              hint=f"add --analyze, or drop {flag}")
-        if flag in TEACHER_ONLY and not teacher:
-            raise UsageError(f"{flag} does not apply without --teacher; it is an option of --teacher (distillation "
-                             f"during fine-tuning)", hint=f"add --teacher T.pt, or drop {flag}")
         if flag in FIT_ONLY and not finetune:
             raise UsageError(f"{flag} does not apply without --finetune-epochs (nothing is trained); it is an "
                              f"option of the fine-tuning", hint=f"add --finetune-epochs 2, or drop {flag}")
+        if flag in DISTILL_ONLY and not distill:
+            raise UsageError(f"{flag} does not apply with --no-distill; it is an option of the distillation during "
+                             f"fine-tuning (from the parent unless --teacher)",
+                             hint=f"drop --no-distill, or drop {flag}")
     check_method_flags(method, given)
