@@ -99,3 +99,41 @@ def test_target_trt_never_depends_on_the_host(monkeypatch: pytest.MonkeyPatch) -
         assert QuantizeConfig(target="cpu").weights_reduce_range() is host_lacks_vnni
         assert QuantizeConfig(target="trt").weights_reduce_range() is False
         assert QuantizeConfig(target="trt", reduce_range=True).weights_reduce_range() is True
+
+
+def test_every_place_that_lists_the_modes_follows_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--mode``'s help, ``info``'s lineage columns and ``report``'s labels come from ``MODES``: the help is built
+    from it, and ``info`` / ``report`` (below ``quantize`` in the layer order, so they cannot import it) hold
+    literals that must equal what the registry derives. A mode added to ``MODES`` with keys of its own fails here
+    until both follow; each mode's keys must be ones its lineage entry records (its ``settings``, plus the
+    calibration count and QAT's epochs that the pipeline adds), or the column would always be empty."""
+    import typer.main
+
+    from resopt.cli import app
+    from resopt.info import KEY_OPTIONS
+    from resopt.quantize import MODES, FixedOptions, QuantizeConfig
+    from resopt.quantize.modes import Mode, lineage_keys, mode_help
+    from resopt.report.records import _STEP_OPTIONS
+
+    cmd = typer.main.get_command(app).commands["quantize"]  # type: ignore[attr-defined]
+    help_text = next(p for p in cmd.params if "--mode" in p.opts).help
+    # The README's list of modes, written out (an independent literal), in the help's words.
+    assert help_text == "int8 (static, calibrated, Q/DQ), int8-dynamic, fp16, qat, kmeans or fixed."
+    assert KEY_OPTIONS["quantize"] == lineage_keys("shown")
+    assert _STEP_OPTIONS["quantize"] == lineage_keys("label")
+    for mode in MODES.values():
+        variants = [mode.options()] + ([FixedOptions(act_bits=8)] if mode.options is FixedOptions else [])
+        recorded = {"mode"}.union(*(mode.settings(QuantizeConfig(mode=mode.name, options=o), False) for o in variants))
+        recorded |= {"num_calib"} if mode.calibrates.__name__ == "_always" else set()
+        recorded |= {"qat_epochs"} if mode.from_checkpoint is not None else set()
+        assert set(mode.shown) | set(mode.label) <= recorded, mode.name
+        for which in ("shown", "label"):  # a step's keys read in its mode's own order
+            merged = lineage_keys(which)
+            assert sorted(getattr(mode, which), key=merged.index) == list(getattr(mode, which)), (mode.name, which)
+
+    new = Mode("int4", MODES["int8"].options, (), MODES["int8"].calibrates, MODES["int8"].settings, 90.0, "",
+               shown=("int4_groups",), label=("int4_groups",))
+    monkeypatch.setitem(MODES, "int4", new)
+    assert mode_help().endswith("kmeans, fixed or int4.")
+    assert KEY_OPTIONS["quantize"] != lineage_keys("shown")  # what the assertions above catch for a real mode
+    assert _STEP_OPTIONS["quantize"] != lineage_keys("label")

@@ -67,6 +67,11 @@ class Mode:
     qdq_int8: bool = False  # writes INT8 Q/DQ: linted against --target, INT8 layers counted per runtime
     lints: Callable[[QuantizeConfig], bool] = _never  # report the Q/DQ lint
     calibrates_when: str = ""  # when ``calibrates`` depends on an option: which ("with --act-bits")
+    summary: str = ""  # what ``--mode``'s help says of it, in brackets after the name ("static, calibrated, Q/DQ")
+    # The lineage option keys (as ``settings`` and the pipeline record them) that ``info`` shows for a step of this
+    # mode, and the shorter set ``report`` puts in a result's label: what tells this mode's results apart.
+    shown: tuple[str, ...] = ()
+    label: tuple[str, ...] = ()
 
     def own_flags(self) -> tuple[str, ...]:
         return tuple(_flag(f.name) for f in fields(self.options))
@@ -179,19 +184,22 @@ _GUARD = ("--max-drop", "--max-exclude")
 # without gating. QAT is gated against its fake-quant PyTorch model, which is what its ONNX must reproduce.
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("int8", NoOptions, _INT8_SHARED + _GUARD + ("--ptq",), _always, _int8_settings, 90.0, _CALIB_HINT,
-         produce=_produce_int8, qdq_int8=True, lints=_always),
+         produce=_produce_int8, qdq_int8=True, lints=_always, summary="static, calibrated, Q/DQ",
+         shown=("calib_method", "weights", "activations", "num_calib"), label=("calib_method",)),
     Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
-         _PLAIN_HINT, produce=_produce_dynamic, lints=_always),
-    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16),
+         _PLAIN_HINT, produce=_produce_dynamic, lints=_always, shown=("weights", "activations")),
+    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16,
+         shown=("weights", "activations")),
     Mode("qat", QatOptions, ("--target", "--per-tensor", "--reduce-range"), _always, _int8_settings, 90.0,
-         _CALIB_HINT, from_checkpoint=_qat,
-         qdq_int8=True, lints=_always),
+         _CALIB_HINT, from_checkpoint=_qat, qdq_int8=True, lints=_always,
+         shown=("calib_method", "weights", "activations", "num_calib", "qat_epochs"), label=("qat_epochs",)),
     Mode("kmeans", KmeansOptions, (), _never, _kmeans_settings, 90.0,
          "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_kmeans, exports_pt=True),
+         produce=_produce_kmeans, exports_pt=True, shown=("clusters", "weights"), label=("clusters",)),
     Mode("fixed", FixedOptions, _GUARD, _fixed_calibrates, _fixed_settings, 0.0,
          "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates, calibrates_when="with --act-bits"),
+         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates, calibrates_when="with --act-bits",
+         shown=("bits", "weights", "activations"), label=("bits", "calib_method")),
 )}
 
 
@@ -199,6 +207,33 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise choice_error("mode", name, tuple(MODES))
     return MODES[name]
+
+
+def mode_help() -> str:
+    """``--mode``'s help: every mode with its summary, in registry order."""
+    names = [f"{m.name} ({m.summary})" if m.summary else m.name for m in MODES.values()]
+    return f"{', '.join(names[:-1])} or {names[-1]}."
+
+
+def lineage_keys(which: str) -> tuple[str, ...]:
+    """The lineage option keys of a quantize step worth showing: ``mode`` and then every mode's ``shown``
+    (``which="shown"``: the ``info`` lineage table) or ``label`` (``"label"``: ``report``'s labels) keys, merged
+    in registry order so that each mode's keys keep that mode's own order (a key new to the list goes before the
+    first of its mode's later keys already there): a step reads ``bits=4 calib_method=minmax`` as its mode lists
+    them. ``info`` and ``report`` sit below ``quantize`` in the layer order and cannot import this, so they hold
+    the result as a literal that ``tests/test_quantize_options.py`` keeps equal to it."""
+    keys: list[str] = ["mode"]
+    for m in MODES.values():
+        own: tuple[str, ...] = getattr(m, which)
+        for i, key in enumerate(own):
+            if key in keys:
+                continue
+            later = [keys.index(k) for k in own[i + 1:] if k in keys]
+            if later:
+                keys.insert(min(later), key)
+            else:
+                keys.append(key)
+    return tuple(keys)
 
 
 def mode_specific_flags() -> dict[str, list[str]]:
