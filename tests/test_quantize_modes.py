@@ -85,7 +85,7 @@ def test_kmeans_from_checkpoint_exports_first(cli, trained_pt, workdir):
 def test_clusters_out_of_range(cli, fp32_onnx, workdir, clusters):
     r = cli("quantize", fp32_onnx, "--mode", "kmeans", "--clusters", clusters, "-o", "x.onnx")
     assert r.code == 2
-    assert r.stderr.startswith(f"Error: --clusters must be between 2 and 256 (uint8 indices), got {clusters}")
+    assert r.stderr.startswith(f"Error: --clusters must be in [2, 256] (uint8 indices), got {clusters}")
 
 
 # -------------------------------------------------------------------------------------- fixed point
@@ -123,7 +123,7 @@ def test_fixed_point_weights_and_activations(cli, fp32_onnx, cifar_small, workdi
     assert d4["lint"]["counts"]["Conv"] == [21, 21]
     assert all(fmt["weight"].startswith("s4.") for fmt in d4["formats"].values())
     r = cli("quantize", fp32_onnx, "--mode", "fixed", "--bits", "9", "-o", "x.onnx")
-    assert r.code == 2 and r.stderr.startswith("Error: --bits must be between 2 and 8, got 9")
+    assert r.code == 2 and r.stderr.startswith("Error: --bits must be in [2, 8], got 9")
 
 
 # ---------------------------------------------------------------------------------------------- QAT

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar, Union
 
 from resopt.errors import UsageError, choice_error
 from resopt.quantize.ort import CALIB_METHODS, TARGETS
+from resopt.ranges import check_fields
 
 if TYPE_CHECKING:
     from resopt.quantize.modes import Mode
@@ -35,8 +36,7 @@ class KmeansOptions:
     clusters: int = 256  # shared values per layer (uint8 indices)
 
     def validate(self, cfg: QuantizeConfig) -> None:
-        if not 2 <= self.clusters <= 256:
-            raise UsageError(f"--clusters must be between 2 and 256 (uint8 indices), got {self.clusters}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -45,10 +45,7 @@ class FixedOptions:
     act_bits: int | None = None  # activation bits (None: activations stay float)
 
     def validate(self, cfg: QuantizeConfig) -> None:
-        if not 2 <= self.bits <= 8:
-            raise UsageError(f"--bits must be between 2 and 8, got {self.bits}")
-        if self.act_bits is not None and not 2 <= self.act_bits <= 8:
-            raise UsageError(f"--act-bits must be between 2 and 8, got {self.act_bits}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -65,6 +62,7 @@ class QatOptions:
     data_path: str = "auto"  # the fine-tuning's data path (train's --data-path)
 
     def validate(self, cfg: QuantizeConfig) -> None:
+        check_fields(self)  # epochs, lr, batch size
         if cfg.data is None:
             raise UsageError("--mode qat fine-tunes on the --data train split; pass --data",
                              hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
@@ -161,19 +159,14 @@ class QuantizeConfig:
         check_options_apply(self, self.shared_options_given() + self.calib_options_given())
         if not isinstance(self.opts, mode.options):
             raise UsageError(f"--mode {self.mode} takes {mode.options.__name__}, got {type(self.opts).__name__}")
-        if self.num_calib is not None and self.num_calib < 1:
-            raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 100.0:
-            raise UsageError(f"--min-agreement must be a percentage in [0, 100], got {self.min_agreement}")
+        check_fields(self)  # calibration count, agreement, guard bounds, ... against resopt.ranges
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class limits the --data test split; pass --data")
         if self.max_drop is not None:
             if self.data is None:
                 raise UsageError("--max-drop measures the top-1 drop on the --data validation split; pass --data",
                                  hint="resopt quantize m.onnx --mode int8 --max-drop 0.5 --data cifar10")
-            if self.max_drop < 0:
-                raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")
-        if self.max_exclude is not None and (self.max_exclude < 0 or self.max_drop is None):
+        if self.max_exclude is not None and self.max_drop is None:
             raise UsageError("--max-exclude bounds the accuracy guard: a number >= 0, with --max-drop")
         if self.ptq:
             from resopt.quantize.ptq import parse_ptq
