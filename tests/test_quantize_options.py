@@ -53,17 +53,17 @@ def test_an_option_the_mode_does_not_use_is_an_error(cli, r20_onnx_session: Path
 
 
 def test_library_callers_get_the_same_check_for_values_away_from_the_default() -> None:
-    from resopt.quantize import KmeansOptions, QuantizeConfig
+    from resopt.quantize import KmeansOptions, QuantizeConfig, check_config
 
-    QuantizeConfig(mode="fp16", calib_method="minmax", target="cpu").validate()  # the defaults: not "given"
+    check_config(QuantizeConfig(mode="fp16", calib_method="minmax", target="cpu"))  # the defaults: not "given"
     with pytest.raises(UsageError, match="^--calib-method does not apply to --mode fp16"):
-        QuantizeConfig(mode="fp16", calib_method="entropy").validate()
+        check_config(QuantizeConfig(mode="fp16", calib_method="entropy"))
     with pytest.raises(UsageError, match="^--per-tensor does not apply to --mode kmeans"):
-        QuantizeConfig(mode="kmeans", per_channel=False).validate()
+        check_config(QuantizeConfig(mode="kmeans", per_channel=False))
     with pytest.raises(UsageError, match="--mode int8 takes NoOptions, got KmeansOptions"):
-        QuantizeConfig(mode="int8", options=KmeansOptions(clusters=16)).validate()
+        check_config(QuantizeConfig(mode="int8", options=KmeansOptions(clusters=16)))
     with pytest.raises(UsageError, match=r"--clusters must be in \[2, 256\]"):
-        QuantizeConfig(mode="kmeans", options=KmeansOptions(clusters=300)).validate()
+        check_config(QuantizeConfig(mode="kmeans", options=KmeansOptions(clusters=300)))
 
 
 def test_the_registry_matches_the_command() -> None:

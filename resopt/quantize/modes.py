@@ -1,6 +1,8 @@
 """The quantize modes, listed once (``MODES``), as the commands and the models are: each mode with its own
 options dataclass, its producer, whether it calibrates, which shared options it takes, and how its result is
-checked. ``quantize_onnx`` and ``verify_and_write`` look a mode up here instead of branching on its name.
+checked. ``quantize_onnx`` looks a mode up here (``check_config``) instead of branching on its name, and hands
+the entry to the shared steps in ``pipeline`` (``prepare``, ``verify_and_write``), which the producers here use:
+the imports point one way, config <- pipeline <- modes <- the package's entry points.
 
 To add a mode: a producer (``Job`` -> writes ``job.produced.path``) or, for a mode that starts from a ``.pt``,
 a ``from_checkpoint`` function; an options dataclass in ``config.py`` (``NoOptions`` if it has none), whose
@@ -19,18 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resopt.errors import UsageError, choice_error
-from resopt.quantize.config import FixedOptions, KmeansOptions, NoOptions, QatOptions
+from resopt.quantize.config import SHARED_FIELDS, FixedOptions, KmeansOptions, ModeOptions, NoOptions, QatOptions
 
 if TYPE_CHECKING:
     from resopt.quantize.config import QuantizeConfig
     from resopt.quantize.pipeline import Job, QuantizeResult
 
-# Options of the shared config that only some modes use: config field -> CLI flag. The other shared options
-# (--calib-data, --num-calib, --data, --limit-per-class, --min-agreement, --exclude, --save-calib, --seed) apply
-# to every mode: without --data, every mode is verified on the calibration images.
-SHARED_FIELDS = {"target": "--target", "calib_method": "--calib-method", "per_channel": "--per-tensor",
-                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude",
-                 "ptq": "--ptq"}
+__all__ = ["CALIB_FLAGS", "MODES", "SHARED_FIELDS", "Mode", "check_config", "check_options_apply", "get_mode",
+           "lineage_keys", "mode_help", "mode_specific_flags"]
 
 _CALIB_HINT = ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
                "--exclude the sensitive layers, or lower --min-agreement")
@@ -78,6 +76,21 @@ class Mode:
 
     def takes(self, flag: str) -> bool:
         return flag in self.shared or flag in self.own_flags()
+
+    def options_of(self, cfg: QuantizeConfig) -> ModeOptions:
+        """``cfg``'s own options for this mode: ``cfg.options``, or this mode's defaults."""
+        opts: ModeOptions = cfg.options if cfg.options is not None else self.options()
+        return opts
+
+    def reads_calib_set(self, cfg: QuantizeConfig) -> bool:
+        """Whether the calibration set is read at all: to calibrate, to verify on (no ``--data``), to rank
+        layers for the accuracy guard, or to be saved (``--save-calib``)."""
+        return self.calibrates(cfg) or cfg.data is None or cfg.max_drop is not None or cfg.save_calib is not None
+
+    def agreement_floor(self, cfg: QuantizeConfig) -> float:
+        """The top-1 agreement (percent) below which ``cfg``'s result is refused: ``--min-agreement``, else this
+        mode's default."""
+        return self.min_agreement if cfg.min_agreement is None else cfg.min_agreement
 
 
 # ------------------------------------------------------------------------------------------ producers
@@ -173,7 +186,7 @@ def _produce_fixed(job: Job) -> None:
 def _qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     from resopt.quantize.qat import quantize_qat
 
-    return quantize_qat(checkpoint, output, cfg)
+    return quantize_qat(checkpoint, output, cfg, MODES["qat"])
 
 
 _INT8_SHARED = ("--target", "--calib-method", "--per-tensor", "--reduce-range")
@@ -245,7 +258,7 @@ def mode_specific_flags() -> dict[str, list[str]]:
     return users
 
 
-# The calibration set's own options: they matter wherever the set is read (``QuantizeConfig.reads_calib_set``).
+# The calibration set's own options: they matter wherever the set is read (``Mode.reads_calib_set``).
 CALIB_FLAGS = ("--calib-data", "--num-calib")
 
 
@@ -261,9 +274,24 @@ def check_options_apply(cfg: QuantizeConfig, given: Iterable[str]) -> None:
             raise UsageError(f"{flag} does not apply to --mode {cfg.mode}; it is an option of --mode "
                              f"{', '.join(takers)}",
                              hint=f"drop {flag}, or choose --mode {takers[0]}")
-        if flag in CALIB_FLAGS and not cfg.reads_calib_set:
+        if flag in CALIB_FLAGS and not entry.reads_calib_set(cfg):
             takers = [f"{m.name} {m.calibrates_when}".strip() for m in MODES.values() if m.calibrates is not _never]
             raise UsageError(f"{flag} has no effect: --mode {cfg.mode} does not calibrate, and with --data it is "
                              f"verified on the --data test split; it is an option of --mode {', '.join(takers)} "
                              f"(and of every mode without --data)",
                              hint=f"drop {flag}, or drop --data to verify on the calibration images")
+
+
+def check_config(cfg: QuantizeConfig) -> Mode:
+    """Every check of ``cfg`` before any file is read, and its mode's entry: an unknown mode (with the list of
+    modes), the shared options (``QuantizeConfig.validate``), a shared option set away from its default that the
+    mode does not use, options of another mode's dataclass, and the mode's own (its dataclass's ``validate``).
+    The library's entry points run it; the CLI also runs ``check_options_apply`` on the flags typed."""
+    entry = get_mode(cfg.mode)
+    cfg.validate()
+    check_options_apply(cfg, cfg.shared_options_given() + cfg.calib_options_given())
+    opts = entry.options_of(cfg)
+    if not isinstance(opts, entry.options):
+        raise UsageError(f"--mode {cfg.mode} takes {entry.options.__name__}, got {type(opts).__name__}")
+    opts.validate(cfg)
+    return entry

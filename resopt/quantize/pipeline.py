@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from resopt.artifacts import (
     check_output_path,
@@ -31,6 +31,25 @@ if TYPE_CHECKING:
     from resopt.quantize.config import QuantizeConfig
     from resopt.quantize.lint import QdqLint
     from resopt.quantize.ort import Ranges
+
+
+class ModeEntry(Protocol):
+    """What the shared steps read of a mode's registry entry (``resopt.quantize.modes.Mode``). The entry is
+    handed in by the caller, never looked up here: ``modes`` imports this module for its producers, so the
+    imports point one way."""
+
+    @property
+    def settings(self) -> Callable[[QuantizeConfig, bool], dict[str, Any]]: ...
+    @property
+    def calibrates(self) -> Callable[[QuantizeConfig], bool]: ...
+    @property
+    def lints(self) -> Callable[[QuantizeConfig], bool]: ...
+    @property
+    def qdq_int8(self) -> bool: ...
+    @property
+    def agreement_hint(self) -> str: ...
+    def takes(self, flag: str) -> bool: ...
+    def agreement_floor(self, cfg: QuantizeConfig) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -253,13 +272,12 @@ class Job:
     val_evals: EvalImages | None = None  # what --max-drop decides on
 
 
-def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalImages | None, tmp: Path,
-            val_evals: EvalImages | None = None) -> Job:
+def prepare(src: Source, cfg: QuantizeConfig, mode: ModeEntry, cs: CalibSet | None, evals: EvalImages | None,
+            tmp: Path, val_evals: EvalImages | None = None) -> Job:
     """The steps before any mode's own work: onnxruntime's pre-processing, the ``--exclude`` check, and, for a
     mode that calibrates, the activation ranges (``--calib-method`` where the mode takes it, else minmax)."""
     from resopt.quantize import ort as q
 
-    mode = cfg.method
     reduce_range = cfg.weights_reduce_range()
     prepped, out = tmp / "prepped.onnx", tmp / "quantized.onnx"
     q.preprocess_model(src.onnx, prepped)
@@ -332,7 +350,7 @@ def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: Quant
     produced.extra["guard"] = g.summary()
 
 
-def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSet | None,
+def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, mode: ModeEntry, cs: CalibSet | None,
                       evals: EvalImages | None, produced: Produced, *, t0: float,
                       lineage_parent: Path | None = None) -> QuantizeResult:
     import onnx
@@ -340,7 +358,6 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.quantize.lint import lint_qdq
 
-    mode = cfg.method
 
     if evals is not None:
         batches: Batches = evals()
@@ -368,7 +385,7 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
     cmp = compare(reference, onnx_predict(produced.path), batches, total=total, description=f"verify on {on} images",
                   source=where)
     cmp.check(what=f"the {cfg.mode} result", against=f"its {produced.reference_name}",
-              min_agreement=cfg.agreement_floor(), hint=mode.agreement_hint)
+              min_agreement=mode.agreement_floor(cfg), hint=mode.agreement_hint)
 
     lint: QdqLint | None = None
     if mode.lints(cfg):
@@ -400,14 +417,14 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
         metrics["int8_mac_fraction"] = round(lint.int8_mac_fraction, 4)
     # The gate it passed: --min-agreement is part of what made the file (and is then not silently ignored).
     options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options,
-               "min_agreement": cfg.agreement_floor()}
+               "min_agreement": mode.agreement_floor(cfg)}
     write_quantized(produced.path, output, src.meta, parent=lineage_parent or src.given, options=options,
                     metrics=metrics, quantization={"mode": cfg.mode, **produced.settings})
     result_score = ModelScore(str(output), output.stat().st_size, *((cmp.top1, cmp.top5) if labelled else (None, None)))
     return QuantizeResult(output=output, mode=cfg.mode, settings=produced.settings, parent=parent_score,
                           result=result_score, agreement=cmp.top1_agreement, agreement_images=cmp.images,
                           agreement_on=on,
-                          calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
+                          calib=cs.describe() if cs is not None and mode.calibrates(cfg) else None,
                           excluded=produced.excluded, lint=lint.summary() if lint is not None else None,
                           seconds=time.perf_counter() - t0,
                           extra={**produced.extra, "agreement_with": produced.reference_name, **runtime_int8})
