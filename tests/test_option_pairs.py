@@ -64,7 +64,7 @@ PROBES: dict[str, dict[str, Probe]] = {
         "--bits": P("--bits", "4"), "--act-bits": P("--act-bits", "6"), "--epochs": P("--epochs", "2"),
         "--lr": P("--lr", "0.01"), "--batch-size": P("--batch-size", "16"), "--amp": either("--amp", "--no-amp"),
         "--device": P("--device", "cpu"), "--data-path": P("--data-path", "pil"), "--seed": P("--seed", "1"),
-        "--json": P("--json"),
+        "--select": P("--select", "last", ref=("--epochs", "2")), "--json": P("--json"),
     },
     "prune": {
         "--output": P("-o", "other.pt"), "--data": P("--data", "D2"), "--sparsity": P("--sparsity", "0.5"),

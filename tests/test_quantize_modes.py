@@ -163,6 +163,19 @@ def test_qat_same_seed_same_weights(cli, trained_pt, cifar_small, workdir):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+def test_qat_select_keeps_the_last_epoch_as_train_does(cli, trained_pt, cifar_small, workdir):
+    """``--select`` is train's: ``last`` keeps the last of the 2 epochs (not the best on val), and is recorded."""
+    r = cli("quantize", trained_pt, "--mode", "qat", "--epochs", "2", "--batch-size", "50", "--data", cifar_small,
+            "--limit-per-class", "3", "--num-calib", "20", "--select", "last", "-o", "last.onnx", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["qat"]["best_epoch"] == 2
+    assert read_onnx_meta("last.onnx")["lineage"][-1]["options"]["train"]["select"] == "last"
+    r = cli("quantize", trained_pt, "--mode", "qat", "--data", cifar_small, "--select", "worst", "-o", "x.onnx")
+    assert r.code == 2 and r.stderr.startswith("Error: unknown --select 'worst'"), r.stderr
+    r = cli("quantize", trained_pt, "--mode", "kmeans", "--select", "last", "-o", "x.onnx")
+    assert r.code == 2 and r.stderr.startswith("Error: --select does not apply to --mode kmeans"), r.stderr
+
+
 def test_qat_needs_a_checkpoint_and_data(cli, fp32_onnx, trained_pt, workdir):
     r = cli("quantize", fp32_onnx, "--mode", "qat", "--data", "x", "-o", "x.onnx")
     assert r.code == 2 and r.stderr.startswith("Error: --mode qat fine-tunes in PyTorch; it takes the .pt")

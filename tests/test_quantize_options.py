@@ -84,7 +84,7 @@ def test_the_registry_matches_the_command() -> None:
             assert params[f.name].default == f.default, (mode.name, f.name)
     assert set(mode_specific_flags()) == set(SHARED_FIELDS.values()) | {
         "--clusters", "--bits", "--act-bits", "--epochs", "--lr", "--batch-size", "--amp", "--device",
-        "--data-path"}
+        "--data-path", "--select"}
     assert {m for m, e in MODES.items() if e.calibrates.__name__ == "_always"} == {"int8", "qat"}
 
 

@@ -83,6 +83,8 @@ def quantize_cmd(
     data_path: Annotated[str, typer.Option("--data-path", help="--mode qat: fast (decoded tensors, augmented per "
                                            "batch), pil or auto (fast for small images that fit in memory).")
                          ] = "auto",
+    select: Annotated[str, typer.Option("--select", help="--mode qat: the epoch kept: best (by val top-1) or "
+                                        "last (for data too small to choose on).")] = "best",
     seed: SeedOpt = 0,
     json_: JsonOpt = False,
 ) -> None:

@@ -68,9 +68,14 @@ class QatOptions:
     amp: bool = True
     device: str = "auto"
     data_path: str = "auto"  # the fine-tuning's data path (train's --data-path)
+    select: str = "best"  # the epoch kept, as train's --select: best by val top-1, or the last
 
     def validate(self, cfg: QuantizeConfig) -> None:
+        from resopt.data.splits import SELECT
+
         check_fields(self)  # epochs, lr, batch size
+        if self.select not in SELECT:
+            raise choice_error("--select", self.select, SELECT)
         if cfg.data is None:
             raise UsageError("--mode qat fine-tunes on the --data train split; pass --data",
                              hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
@@ -79,7 +84,7 @@ class QatOptions:
         from resopt.train import TrainConfig
 
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_epochs=0.0,
-                           amp=self.amp, seed=seed, device=self.device)
+                           amp=self.amp, seed=seed, device=self.device, select=self.select)
 
 
 ModeOptions = Union[NoOptions, KmeansOptions, FixedOptions, QatOptions]  # noqa: UP007 - a runtime alias

@@ -410,7 +410,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig, mode: Mode
                                  "seed": cfg.seed, "calib_preprocess": pre.to_dict(),
                                  "train": {k: getattr(train_cfg, k) for k in ("epochs", "batch_size", "lr",
                                                                              "optimizer", "weight_decay", "amp",
-                                                                             "seed", "device")},
+                                                                             "seed", "device", "select")},
                                  "data_path": fitted.data_path})
         produced.metrics.update({"top1_fp32": fp32_acc[0], "top1_ptq": round(top1_ptq, 3),
                                  "top1_qat_fakequant": round(fq_top1, 3)})
