@@ -128,29 +128,32 @@ def imported(tmp_path_factory: pytest.TempPathFactory, cifar_mini: Path) -> dict
 # wrong key, shortcut or BatchNorm shows in the first batch), and the full split is needed only for the
 # accuracy, compared with the figure measured independently on it (../shared/models/README.md). Running the
 # reference on all 10,000 as well doubled this test's time (93-123 s of the suite) and proved nothing more.
+# The full split is run for ResNet-20 only: ResNet-56 is the same code at 2.8x the depth (the same layout,
+# mapping rules and option-A shortcuts), and its 10,000 images cost 125 s of one core for no new path; its
+# mapping is proven by the same logit equality, and its full-split accuracy is the converged-cifar study's.
 REFERENCE_IMAGES = 1000
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,src,depth", [("r20", R20, 20), ("r56", R56, 56)])
-def test_shared_models_match_reference_on_full_test_set(imported, test_images, name, src, depth, capsys):
+def test_shared_models_match_reference_and_published_accuracy(imported, test_images, name, src, depth, capsys):
     from resopt.artifacts import load_model
 
     images, labels = test_images
     assert len(images) == 10_000
     ref = logits_of(load_reference(src, depth), images[:REFERENCE_IMAGES])
     model, ckpt = load_model(imported[name])
-    got = logits_of(model, images)
+    got = logits_of(model, images if name == "r20" else images[:REFERENCE_IMAGES])
     max_diff = float((got[:REFERENCE_IMAGES] - ref).abs().max())
     top1_ref = 100.0 * float((ref.argmax(1) == labels[:REFERENCE_IMAGES]).float().mean())
-    top1 = 100.0 * float((got.argmax(1) == labels).float().mean())
+    top1 = 100.0 * float((got.argmax(1) == labels[:len(got)]).float().mean())
     with capsys.disabled():
         print(f"\n{name}: max |imported - reference| logit {max_diff:.2e} on {REFERENCE_IMAGES} images (reference "
-              f"top-1 there {top1_ref:.2f}%); top-1 on 10,000: {top1:.2f}%")
+              f"top-1 there {top1_ref:.2f}%); top-1 on {len(got):,}: {top1:.2f}%")
     assert max_diff < 1e-3
     assert (got[:REFERENCE_IMAGES].argmax(1) == ref.argmax(1)).all()
-    # The figures measured on these JPEGs (../shared/models/README.md): 81.03% and 83.20%.
-    assert abs(top1 - {"r20": 81.03, "r56": 83.20}[name]) < 0.5
+    if name == "r20":  # the figure measured on all 10,000 of these JPEGs (../shared/models/README.md)
+        assert abs(top1 - 81.03) < 0.5
 
 
 def test_import_lineage_and_checkpoint(imported):
@@ -174,9 +177,12 @@ def test_import_lineage_and_checkpoint(imported):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["r20", "r56"])
+@pytest.mark.parametrize("name", ["r20"])
 def test_imported_models_prune_export_quantize_bench(imported, cifar_mini, cli, tmp_path, name):
-    """Structured pruning with --round-to 8 and fine-tuning, export with parity, INT8, bench."""
+    """Structured pruning with --round-to 8 and fine-tuning, export with parity, INT8, bench. On ResNet-20 only:
+    ResNet-56 runs the same code (registry architecture, option-A projections, Q/DQ) at 2.8x the time (110 s
+    of the suite); the converged-cifar study (SCALE=cpu) prunes, exports, quantizes and benches the imported
+    ResNet-56."""
     from resopt.artifacts import load_checkpoint, load_model, read_onnx_meta
     from resopt.models import model_widths
 
