@@ -24,6 +24,7 @@ from resopt.artifacts import (
 )
 from resopt.console import log
 from resopt.errors import UsageError
+from resopt.ranges import check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -38,10 +39,7 @@ class DistillConfig:
     temperature: float = 4.0
 
     def validate(self) -> None:
-        if not 0.0 <= self.alpha <= 1.0:
-            raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if not self.temperature > 0:
-            raise UsageError(f"--temperature must be positive, got {self.temperature}")
+        check_fields(self)  # alpha, temperature against resopt.ranges
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, *, alpha: float,

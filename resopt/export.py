@@ -46,6 +46,7 @@ from resopt.artifacts import (
 )
 from resopt.console import log
 from resopt.errors import DataError, InputFileError, UsageError, choice_error
+from resopt.ranges import check_fields
 from resopt.verify import Parity
 
 if TYPE_CHECKING:
@@ -80,13 +81,9 @@ class ExportConfig:
             # torch's dynamo exporter writes opset 18+ and silently keeps 18 when down-conversion fails.
             raise UsageError(f"--opset {self.opset} needs --exporter torchscript; the dynamo exporter writes "
                              f"opset 18 or later")
-        if self.num_verify < 2:
-            raise UsageError(f"--num-verify must be at least 2 (verification runs batches of more than one "
-                             f"image to exercise the dynamic batch axis), got {self.num_verify}")
+        check_fields(self)  # --num-verify, --tolerance against resopt.ranges
         if self.verify_batch < 2:
             raise UsageError(f"verify_batch must be at least 2, got {self.verify_batch}")
-        if not self.tolerance > 0 or not math.isfinite(self.tolerance):
-            raise UsageError(f"--tolerance must be a positive number, got {self.tolerance}")
         if self.split not in ("test", "train"):
             raise choice_error("split", self.split, ("test", "train"))
 

@@ -172,7 +172,7 @@ def test_parse_size_rejects(text: str) -> None:
 def test_build_config_validates_before_tensorrt() -> None:
     with pytest.raises(UsageError, match="--num-calib must be at least 1"):
         BuildConfig(int8=True, calib_data="x", num_calib=0).validate()
-    with pytest.raises(UsageError, match=r"--min-agreement must be a percentage in \[0, 100\], got 120"):
+    with pytest.raises(UsageError, match=r"--min-agreement must be in \[0, 100\], got 120"):
         BuildConfig(min_agreement=120).validate()
     with pytest.raises(UsageError, match="add --int8"):
         BuildConfig(calib_data="calib/cifar10").validate()

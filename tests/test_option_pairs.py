@@ -65,7 +65,7 @@ PROBES: dict[str, dict[str, Probe]] = {
         "--int8-ends": either("--int8-ends", "--int4-ends"), "--epochs": P("--epochs", "2"),
         "--lr": P("--lr", "0.01"), "--batch-size": P("--batch-size", "16"), "--amp": either("--amp", "--no-amp"),
         "--device": P("--device", "cpu"), "--data-path": P("--data-path", "pil"), "--seed": P("--seed", "1"),
-        "--json": P("--json"),
+        "--select": P("--select", "last", ref=("--epochs", "2")), "--json": P("--json"),
     },
     "prune": {
         "--output": P("-o", "other.pt"), "--data": P("--data", "D2"), "--sparsity": P("--sparsity", "0.5"),

@@ -94,7 +94,8 @@ def test_block_target_macs_removes_until_reached(cli, trained_pt: Path, cifar_sm
 def test_block_refusals(cli, trained_pt: Path, cifar_small: Path, tmp_path: Path) -> None:
     for args, message in (
         (["--method", "block", "--blocks", "7"], "Error: --blocks 7: this model has 6 removable blocks"),
-        (["--method", "block"], "Error: --method block needs --blocks, --target-macs, --target-latency or --latency-ms"),
+        (["--method", "block"],
+         "Error: --method block needs --blocks, --target-macs, --target-latency or --latency-ms"),
         (["--method", "block", "--sparsity", "0.3"], "Error: --sparsity does not apply to --method block"),
         (["--sparsity", "0.3", "--blocks", "2"], "Error: --blocks does not apply to --method l1-struct; it is an "
          "option of --method block"),

@@ -212,7 +212,8 @@ def test_pt_input_is_refused_with_export_hint(cli, trained_pt, workdir):
 
 
 @pytest.mark.parametrize(("args", "expected"), [
-    (["--mode", "int4"], "Error: unknown mode 'int4'; choose one of: int8, int8-dynamic, fp16, qat, kmeans, fixed"),
+    (["--mode", "int4"],
+     "Error: unknown mode 'int4'; choose one of: int8, int8-dynamic, fp16, qat, kmeans, fixed, w4a8"),
     (["--calib-method", "kl"], "Error: unknown calibration method 'kl'; choose one of: minmax, entropy, percentile"),
     (["--target", "tpu"], "Error: unknown target 'tpu'; choose one of: cpu, trt"),
     (["--num-calib", "0"], "Error: --num-calib must be at least 1, got 0"),

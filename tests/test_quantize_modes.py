@@ -85,7 +85,7 @@ def test_kmeans_from_checkpoint_exports_first(cli, trained_pt, workdir):
 def test_clusters_out_of_range(cli, fp32_onnx, workdir, clusters):
     r = cli("quantize", fp32_onnx, "--mode", "kmeans", "--clusters", clusters, "-o", "x.onnx")
     assert r.code == 2
-    assert r.stderr.startswith(f"Error: --clusters must be between 2 and 256 (uint8 indices), got {clusters}")
+    assert r.stderr.startswith(f"Error: --clusters must be in [2, 256] (uint8 indices), got {clusters}")
 
 
 # -------------------------------------------------------------------------------------- fixed point
@@ -123,7 +123,7 @@ def test_fixed_point_weights_and_activations(cli, fp32_onnx, cifar_small, workdi
     assert d4["lint"]["counts"]["Conv"] == [21, 21]
     assert all(fmt["weight"].startswith("s4.") for fmt in d4["formats"].values())
     r = cli("quantize", fp32_onnx, "--mode", "fixed", "--bits", "9", "-o", "x.onnx")
-    assert r.code == 2 and r.stderr.startswith("Error: --bits must be between 2 and 8, got 9")
+    assert r.code == 2 and r.stderr.startswith("Error: --bits must be in [2, 8], got 9")
 
 
 # ---------------------------------------------------------------------------------------------- QAT
@@ -161,6 +161,19 @@ def test_qat_same_seed_same_weights(cli, trained_pt, cifar_small, workdir):
         assert r.code == 0, r.stderr
     a, b = (_weights(onnx.load(n)) for n in ("a.onnx", "b.onnx"))
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_qat_select_keeps_the_last_epoch_as_train_does(cli, trained_pt, cifar_small, workdir):
+    """``--select`` is train's: ``last`` keeps the last of the 2 epochs (not the best on val), and is recorded."""
+    r = cli("quantize", trained_pt, "--mode", "qat", "--epochs", "2", "--batch-size", "50", "--data", cifar_small,
+            "--limit-per-class", "3", "--num-calib", "20", "--select", "last", "-o", "last.onnx", "--json")
+    assert r.code == 0, r.stderr
+    assert r.json()["qat"]["best_epoch"] == 2
+    assert read_onnx_meta("last.onnx")["lineage"][-1]["options"]["train"]["select"] == "last"
+    r = cli("quantize", trained_pt, "--mode", "qat", "--data", cifar_small, "--select", "worst", "-o", "x.onnx")
+    assert r.code == 2 and r.stderr.startswith("Error: unknown --select 'worst'"), r.stderr
+    r = cli("quantize", trained_pt, "--mode", "kmeans", "--select", "last", "-o", "x.onnx")
+    assert r.code == 2 and r.stderr.startswith("Error: --select does not apply to --mode kmeans"), r.stderr
 
 
 def test_qat_needs_a_checkpoint_and_data(cli, fp32_onnx, trained_pt, workdir):

@@ -54,17 +54,17 @@ def test_an_option_the_mode_does_not_use_is_an_error(cli, r20_onnx_session: Path
 
 
 def test_library_callers_get_the_same_check_for_values_away_from_the_default() -> None:
-    from resopt.quantize import KmeansOptions, QuantizeConfig
+    from resopt.quantize import KmeansOptions, QuantizeConfig, check_config
 
-    QuantizeConfig(mode="fp16", calib_method="minmax", target="cpu").validate()  # the defaults: not "given"
+    check_config(QuantizeConfig(mode="fp16", calib_method="minmax", target="cpu"))  # the defaults: not "given"
     with pytest.raises(UsageError, match="^--calib-method does not apply to --mode fp16"):
-        QuantizeConfig(mode="fp16", calib_method="entropy").validate()
+        check_config(QuantizeConfig(mode="fp16", calib_method="entropy"))
     with pytest.raises(UsageError, match="^--per-tensor does not apply to --mode kmeans"):
-        QuantizeConfig(mode="kmeans", per_channel=False).validate()
+        check_config(QuantizeConfig(mode="kmeans", per_channel=False))
     with pytest.raises(UsageError, match="--mode int8 takes NoOptions, got KmeansOptions"):
-        QuantizeConfig(mode="int8", options=KmeansOptions(clusters=16)).validate()
-    with pytest.raises(UsageError, match="--clusters must be between 2 and 256"):
-        QuantizeConfig(mode="kmeans", options=KmeansOptions(clusters=300)).validate()
+        check_config(QuantizeConfig(mode="int8", options=KmeansOptions(clusters=16)))
+    with pytest.raises(UsageError, match=r"--clusters must be in \[2, 256\]"):
+        check_config(QuantizeConfig(mode="kmeans", options=KmeansOptions(clusters=300)))
 
 
 def test_the_registry_matches_the_command() -> None:
@@ -85,7 +85,7 @@ def test_the_registry_matches_the_command() -> None:
             assert params[f.name].default == f.default, (mode.name, f.name)
     assert set(mode_specific_flags()) == set(SHARED_FIELDS.values()) | {
         "--clusters", "--bits", "--act-bits", "--epochs", "--lr", "--batch-size", "--amp", "--device",
-        "--data-path", "--int8-ends"}
+        "--data-path", "--select", "--int8-ends"}
     assert {m for m, e in MODES.items() if e.calibrates.__name__ == "_always"} == {"int8", "qat", "w4a8"}
 
 
@@ -100,3 +100,43 @@ def test_target_trt_never_depends_on_the_host(monkeypatch: pytest.MonkeyPatch) -
         assert QuantizeConfig(target="cpu").weights_reduce_range() is host_lacks_vnni
         assert QuantizeConfig(target="trt").weights_reduce_range() is False
         assert QuantizeConfig(target="trt", reduce_range=True).weights_reduce_range() is True
+
+
+def test_every_place_that_lists_the_modes_follows_the_registry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--mode``'s help, ``info``'s lineage columns and ``report``'s labels come from ``MODES``: the help is built
+    from it, and ``info`` / ``report`` (below ``quantize`` in the layer order, so they cannot import it) hold
+    literals that must equal what the registry derives. A mode added to ``MODES`` with keys of its own fails here
+    until both follow; each mode's keys must be ones its lineage entry records (its ``settings``, plus the
+    calibration count and QAT's epochs that the pipeline adds), or the column would always be empty."""
+    import typer.main
+
+    from resopt.cli import app
+    from resopt.info import KEY_OPTIONS
+    from resopt.quantize import MODES, FixedOptions, QuantizeConfig
+    from resopt.quantize.modes import Mode, lineage_keys, mode_help
+    from resopt.report.records import _STEP_OPTIONS
+
+    cmd = typer.main.get_command(app).commands["quantize"]  # type: ignore[attr-defined]
+    help_text = next(p for p in cmd.params if "--mode" in p.opts).help
+    # The README's list of modes, written out (an independent literal), in the help's words.
+    assert help_text == ("int8 (static, calibrated, Q/DQ), int8-dynamic, fp16, qat, kmeans, fixed or w4a8 (int4 "
+                         "weights, 8-bit activations).")
+    assert KEY_OPTIONS["quantize"] == lineage_keys("shown")
+    assert _STEP_OPTIONS["quantize"] == lineage_keys("label")
+    for mode in MODES.values():
+        variants = [mode.options()] + ([FixedOptions(act_bits=8)] if mode.options is FixedOptions else [])
+        recorded = {"mode"}.union(*(mode.settings(QuantizeConfig(mode=mode.name, options=o), False) for o in variants))
+        recorded |= {"num_calib"} if mode.calibrates.__name__ == "_always" else set()
+        recorded |= {"qat_epochs"} if mode.from_checkpoint is not None else set()
+        recorded |= {"layer_bits", "int8_layers"} if mode.name == "w4a8" else set()  # its producer's plan
+        assert set(mode.shown) | set(mode.label) <= recorded, mode.name
+        for which in ("shown", "label"):  # a step's keys read in its mode's own order
+            merged = lineage_keys(which)
+            assert sorted(getattr(mode, which), key=merged.index) == list(getattr(mode, which)), (mode.name, which)
+
+    new = Mode("int4", MODES["int8"].options, (), MODES["int8"].calibrates, MODES["int8"].settings, 90.0, "",
+               shown=("int4_groups",), label=("int4_groups",))
+    monkeypatch.setitem(MODES, "int4", new)
+    assert mode_help().endswith("fixed, w4a8 (int4 weights, 8-bit activations) or int4.")
+    assert KEY_OPTIONS["quantize"] != lineage_keys("shown")  # what the assertions above catch for a real mode
+    assert _STEP_OPTIONS["quantize"] != lineage_keys("label")

@@ -107,6 +107,19 @@ def test_train_data_errors(cli, tmp_path: Path) -> None:
     assert r.code == 2 and r.stderr.startswith("Error: train needs --data")
 
 
+def test_training_data_defaults_to_the_checkpoints_recorded_data(trained_pt: Path, cifar_small: Path,
+                                                                 tmp_path: Path) -> None:
+    """The library decides the data of a command that trains: --data, else (prune, distill) what the
+    checkpoint's lineage records, else the command's own one-line error."""
+    from resopt.errors import UsageError
+    from resopt.train import training_data
+
+    assert training_data("cifar10", recorded_in=trained_pt, needs="x", hint="y") == "cifar10"
+    assert Path(training_data(None, recorded_in=trained_pt, needs="x", hint="y")).resolve() == cifar_small.resolve()
+    with pytest.raises(UsageError, match="^train needs --data$"):
+        training_data(None, needs="train needs --data", hint="resopt train --data cifar10")
+
+
 def test_ddp_two_processes_on_cpu_with_gloo(cifar_small: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp.pt"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RESOPT_QUIET": "1"}

@@ -8,6 +8,7 @@ from typing import Any
 from resopt.backends import ONNX_RUNTIMES, runtime_record
 from resopt.envinfo import available_cores
 from resopt.errors import UsageError
+from resopt.ranges import check_fields
 
 DEVICES = ("cpu", "gpu")
 # How a .pt runs: eager FP32 as trained, and the usual GPU speed-ups (TorchRunner keyword arguments).
@@ -87,20 +88,9 @@ class BenchConfig:
 
     def validate(self) -> None:
         parse_batch_sizes(self.batch_sizes)
-        if self.threads is not None and self.threads < 1:
-            raise UsageError(f"--threads must be at least 1, got {self.threads}")
+        check_fields(self, min_seconds="min_time")  # threads, warmup, iters, ... against resopt.ranges
         if self.device not in DEVICES:
             raise UsageError(f"unknown device {self.device!r}; choose one of: {', '.join(DEVICES)}")
-        if self.warmup < 0:
-            raise UsageError(f"--warmup must be >= 0, got {self.warmup}")
-        if self.iters < 1:
-            raise UsageError(f"--iters must be at least 1, got {self.iters}")
-        if self.min_seconds < 0:
-            raise UsageError(f"--min-time must be >= 0 seconds, got {self.min_seconds}")
-        if self.rounds < 1:
-            raise UsageError(f"--rounds must be at least 1, got {self.rounds}")
-        if self.limit_per_class is not None and self.limit_per_class < 1:
-            raise UsageError(f"--limit-per-class must be at least 1, got {self.limit_per_class}")
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class needs --data")
         parse_choices("--runtime", self.runtimes, RUNTIMES)

@@ -11,6 +11,7 @@ from typing import Any
 
 from resopt.envinfo import TENSORRT_INSTALL, trt_major
 from resopt.errors import EnvironmentMismatchError, MissingDependencyError, UsageError
+from resopt.ranges import check_fields
 
 DEFAULT_MIN_BATCH, DEFAULT_OPT_BATCH, DEFAULT_MAX_BATCH = 1, 64, 256
 
@@ -187,14 +188,7 @@ class BuildConfig:
 
     def validate(self) -> None:
         self.workspace_bytes  # noqa: B018 - parsing is the check
-        if self.calib_batch is not None and self.calib_batch < 1:
-            raise UsageError(f"--calib-batch must be at least 1, got {self.calib_batch}")
-        if self.num_calib is not None and self.num_calib < 1:
-            raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
-        if self.verify_per_class < 1:
-            raise UsageError(f"--limit-per-class must be at least 1, got {self.verify_per_class}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 100.0:
-            raise UsageError(f"--min-agreement must be a percentage in [0, 100], got {self.min_agreement}")
+        check_fields(self, verify_per_class="limit_per_class")  # against resopt.ranges
         if self.calib_data is not None and not self.int8:
             raise UsageError("--calib-data calibrates INT8; add --int8 (or drop --calib-data)")
         resolve_profile(min_batch=self.min_batch, opt_batch=self.opt_batch, max_batch=self.max_batch)

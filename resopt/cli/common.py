@@ -10,6 +10,12 @@ from typing import Annotated, Any
 
 import typer
 
+# The numeric options' ranges are declared once, in the library (``resopt.ranges``), and the configs' ``validate``
+# read the same table; ``check_options(locals())`` is the first line of a command.
+from resopt.ranges import RANGES as RANGES
+from resopt.ranges import check_options as check_options
+from resopt.ranges import check_range as check_range
+
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout.")]
 DataOpt = Annotated[str | None, typer.Option("--data", "-d", help="ImageFolder with train/ and test/, or cifar10/cifar100.")]
 LimitOpt = Annotated[int | None, typer.Option("--limit-per-class", help="Use at most N images per class (class-balanced).")]
@@ -147,81 +153,3 @@ def train_config(values: dict[str, Any], **overrides: Any) -> Any:
 
     given = {f.name: values[f.name] for f in fields(TrainConfig) if f.name in values}
     return TrainConfig(**{**given, **overrides})
-
-
-# ------------------------------------------------------------------------------------- option ranges
-
-# One table of the numeric options' ranges, by parameter name (the same name means the same thing in every
-# command): (low, high, low inclusive, high inclusive); None is unbounded. NaN and infinities are never a
-# valid value. Checked by ``check_options`` as the first line of a command, before any data or model is read.
-RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
-    "epochs": (1, None, True, False),
-    "finetune_epochs": (0, None, True, False),
-    "batch_size": (1, 65_536, True, True),
-    "lr": (0, 10, False, True),
-    "momentum": (0, 1, True, False),
-    "weight_decay": (0, 1, True, True),
-    "warmup_epochs": (0, None, True, False),
-    "label_smoothing": (0, 1, True, False),
-    "width": (0, 16, False, True),
-    "input_size": (8, 4096, True, True),
-    "resize": (8, 8192, True, True),
-    "limit_per_class": (1, None, True, False),
-    "val_split": (0, 1, False, False),
-    "time_budget": (0, None, False, False),
-    "workers": (0, 256, True, True),
-    "seed": (0, 2**63 - 1, True, True),
-    "alpha": (0, 1, True, True),
-    "temperature": (0, 1000, False, True),
-    "sparsity": (0, 1, False, False),
-    "target_macs": (0, 1, False, False),
-    "steps": (1, 1000, True, True),
-    "round_to": (1, None, True, False),
-    "analyze_images": (1, None, True, False),
-    "num_verify": (2, None, True, False),
-    "tolerance": (0, None, False, False),
-    "num_calib": (1, None, True, False),
-    "min_agreement": (0, 100, True, True),
-    "max_drop": (0, 100, True, True),
-    "max_exclude": (0, None, True, False),
-    "threads": (1, None, True, False),
-    "warmup": (0, None, True, False),
-    "iters": (1, None, True, False),
-    "min_time": (0, 86_400, True, True),
-    "rounds": (1, None, True, False),
-    "calib_batch": (1, 4096, True, True),
-    "min_batch": (1, None, True, False),
-    "opt_batch": (1, None, True, False),
-    "max_batch": (1, None, True, False),
-}
-
-
-def check_range(name: str, value: float, *, flag: str | None = None) -> None:
-    """``value`` of option ``name`` inside ``RANGES[name]``, else a ``UsageError`` (exit 2) naming both."""
-    import math
-
-    from resopt.errors import UsageError
-
-    flag = flag or "--" + name.replace("_", "-")
-    lo, hi, lo_in, hi_in = RANGES[name]
-    if isinstance(value, float) and not math.isfinite(value):
-        raise UsageError(f"{flag} must be a finite number, got {value}")
-    if (lo is not None and (value < lo if lo_in else value <= lo)) or \
-            (hi is not None and (value > hi if hi_in else value >= hi)):
-        if hi is None:
-            want = f"at least {_num(lo)}" if lo_in else "a positive number" if lo == 0 else f"above {_num(lo)}"
-        else:
-            want = f"in {'[' if lo_in else '('}{_num(lo)}, {_num(hi)}{']' if hi_in else ')'}"
-        raise UsageError(f"{flag} must be {want}, got {value}")
-
-
-def check_options(values: dict[str, Any], **flags: str) -> None:
-    """Range-check every numeric option a command received (pass ``locals()``); ``flags`` renames a
-    parameter's flag where the command spells it differently."""
-    for name, value in values.items():
-        if name in RANGES and isinstance(value, (int, float)) and not isinstance(value, bool):
-            check_range(name, value, flag=flags.get(name))
-
-
-def _num(x: float | None) -> str:
-    return "inf" if x is None else f"{x:g}" if isinstance(x, float) else str(x)

@@ -86,15 +86,9 @@ def distill_cmd(
     """
     check_options(locals())
     from resopt.distill import DistillConfig, distill_model
-    from resopt.errors import UsageError
-    from resopt.train import DataOptions
+    from resopt.train import DataOptions, training_data
 
-    if data is None:
-        from resopt.calib import data_from_checkpoint
-
-        data = data_from_checkpoint(teacher)
-    if data is None:
-        raise UsageError("distill needs --data (the images the teacher was trained on)",
+    data = training_data(data, recorded_in=teacher, needs="distill needs --data (the images the teacher was trained on)",
                          hint="resopt distill --teacher r56.pt --student resnet20 --data cifar10 -o r20.kd.pt")
     cfg = train_config(locals())
     result = distill_model(teacher, student, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg,

@@ -138,18 +138,14 @@ def prune_cmd(
     check_options(locals())
     from resopt.errors import UsageError
     from resopt.prune import check_flags_apply
-    from resopt.train import DataOptions
+    from resopt.train import DataOptions, training_data
 
     # An option that would have no effect is an error, not ignored.
     check_flags_apply(method, given_flags(ctx), analyze=analyze, finetune=finetune_epochs > 0,
                       distill=not no_distill)
 
-    if data is None:
-        from resopt.calib import data_from_checkpoint
-
-        data = data_from_checkpoint(model)
-    if data is None:
-        raise UsageError("prune needs --data to measure top-1 before and after (and to fine-tune on)",
+    data = training_data(data, recorded_in=model,
+                         needs="prune needs --data to measure top-1 before and after (and to fine-tune on)",
                          hint="resopt prune r20.pt --sparsity 0.5 --data examples/cifar10-mini -o r20.p50.pt")
     data_opts = DataOptions(data, limit_per_class, val_split, seed, data_path)
     if analyze:

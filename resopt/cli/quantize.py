@@ -18,6 +18,7 @@ from resopt.cli.common import (
     given_flags,
     human_bytes,
 )
+from resopt.quantize.modes import mode_help
 
 
 def quantize_cmd(
@@ -27,8 +28,7 @@ def quantize_cmd(
                                           show_default=False)],
     output: Annotated[Path | None, typer.Option("--output", "-o", help="ONNX file to write [default: "
                                                 "MODEL.<mode>.onnx next to MODEL].", show_default=False)] = None,
-    mode: Annotated[str, typer.Option("--mode", "-m", help="int8 (static, calibrated, Q/DQ), int8-dynamic, fp16, "
-                                      "qat, kmeans, fixed or w4a8 (int4 weights, 8-bit activations).")] = "int8",
+    mode: Annotated[str, typer.Option("--mode", "-m", help=mode_help())] = "int8",
     target: Annotated[str, typer.Option("--target", help="Q/DQ flavour for --mode int8: cpu (onnxruntime on "
                                         "x86: uint8 activations) or trt (TensorRT: symmetric int8).")] = "cpu",
     calib_data: Annotated[str | None, typer.Option("--calib-data", help="Calibration images: a folder (class "
@@ -85,6 +85,8 @@ def quantize_cmd(
     data_path: Annotated[str, typer.Option("--data-path", help="--mode qat: fast (decoded tensors, augmented per "
                                            "batch), pil or auto (fast for small images that fit in memory).")
                          ] = "auto",
+    select: Annotated[str, typer.Option("--select", help="--mode qat: the epoch kept: best (by val top-1) or "
+                                        "last (for data too small to choose on).")] = "best",
     seed: SeedOpt = 0,
     json_: JsonOpt = False,
 ) -> None:

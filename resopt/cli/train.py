@@ -76,11 +76,9 @@ def train_cmd(
     Example: resopt train --arch resnet20 --data cifar10 --epochs 30 -o r20.pt
     """
     check_options(locals())
-    from resopt.errors import UsageError
-    from resopt.train import DataOptions, train_model
+    from resopt.train import DataOptions, train_model, training_data
 
-    if data is None:
-        raise UsageError("train needs --data (a folder with train/ and test/, or cifar10/cifar100)",
+    data = training_data(data, needs="train needs --data (a folder with train/ and test/, or cifar10/cifar100)",
                          hint="resopt train --arch resnet20 --data examples/cifar10-mini -o r20.pt")
     cfg = train_config(locals())
     result = train_model(arch, DataOptions(data, limit_per_class, val_split, seed, data_path), cfg, output, width=width,

@@ -39,6 +39,7 @@ from resopt.prune.methods import (
     check_method_flags,
     get_method,
 )
+from resopt.ranges import check_fields
 
 if TYPE_CHECKING:
     from torch import nn
@@ -106,22 +107,14 @@ class PruneConfig:
         entry.check_amount(given)
         if self.sparsity is not None and self.target_macs is not None:
             raise UsageError("--sparsity and --target-macs are alternatives; give one of them")
-        if self.sparsity is not None and not 0.0 < self.sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in (0, 1), got {self.sparsity}",
-                             hint="it is the fraction removed: 0.5 removes half the channels (or weights)")
-        if self.target_macs is not None and not 0.0 < self.target_macs < 1.0:
-            raise UsageError(f"--target-macs must be in (0, 1), got {self.target_macs}",
-                             hint="it is the fraction of the parent's MACs to keep: 0.5 halves them")
+        check_fields(self)  # sparsity, target MACs, steps, round-to, blocks, ... against resopt.ranges
         if self.steps is not None and not self.iterative:
             raise UsageError("--steps needs --iterative", hint=f"resopt prune ... --iterative --steps {self.steps}")
         if self.iterative and self.n_steps < 2:
             raise UsageError(f"--steps must be at least 2 with --iterative, got {self.n_steps}")
-        if self.round_to is not None and self.round_to != "auto" and (not isinstance(self.round_to, int)
-                                                                     or self.round_to < 1):
+        if self.round_to is not None and self.round_to != "auto" and not isinstance(self.round_to, int):
             raise UsageError(f"--round-to must be a whole number >= 1 or auto, got {self.round_to}")
         self._validate_latency(given)
-        if self.finetune_epochs < 0:
-            raise UsageError(f"--finetune-epochs must be >= 0, got {self.finetune_epochs}")
         if self.layer_ratios is not None:
             for flag in ("--sparsity", "--target-macs", "--global"):
                 if flag in given:
@@ -135,8 +128,6 @@ class PruneConfig:
                              hint="drop --no-distill, or drop --teacher")
         if self.blocks is not None and self.target_macs is not None:
             raise UsageError("--blocks and --target-macs are alternatives; give one of them")
-        if self.blocks is not None and self.blocks < 1:
-            raise UsageError(f"--blocks must be at least 1, got {self.blocks}")
 
     def _validate_latency(self, given: list[str]) -> None:
         from resopt.latency import check_measured

@@ -39,7 +39,7 @@ from resopt.quantize.config import (
     QatOptions,
     QuantizeConfig,
 )
-from resopt.quantize.modes import MODES, Mode, check_options_apply, get_mode
+from resopt.quantize.modes import MODES, Mode, check_config, check_options_apply, get_mode
 from resopt.quantize.pipeline import (
     EvalImages,
     ModelScore,
@@ -54,17 +54,16 @@ from resopt.quantize.pipeline import (
 
 __all__ = [
     "DEFAULT_NUM_CALIB", "MODES", "EvalImages", "FixedOptions", "KmeansOptions", "Mode", "ModeOptions", "ModelScore",
-    "NoOptions", "QatOptions", "QuantizeConfig", "QuantizeResult", "check_options_apply", "check_outputs",
-    "get_mode", "quantize_model", "quantize_onnx",
+    "NoOptions", "QatOptions", "QuantizeConfig", "QuantizeResult", "check_config", "check_options_apply",
+    "check_outputs", "get_mode", "quantize_model", "quantize_onnx",
 ]
 
 
 def quantize_model(model: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     """The command's entry: an ``.onnx`` for the modes with a producer; a ``.pt`` for qat (which fine-tunes
     it) and for kmeans and fixed (exported to FP32 ONNX first)."""
-    cfg.validate()
+    mode = check_config(cfg)
     model = Path(model)
-    mode = cfg.method
     kind = artifact_kind(model)
     if kind == "pt" and mode.from_checkpoint is not None:
         return mode.from_checkpoint(model, output, cfg)
@@ -82,11 +81,10 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
     ``given``: the file the user passed when ``model`` is an export made on the way (lineage parent).
     """
     t0 = time.perf_counter()
-    cfg.validate()
+    mode = check_config(cfg)
     model, output = Path(model), Path(output)
     given = Path(given) if given is not None else model
     kind = artifact_kind(model)
-    mode = cfg.method
     if mode.produce is None:
         raise UsageError(f"--mode {cfg.mode} fine-tunes in PyTorch; it takes the .pt checkpoint, not {model.name}",
                          hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
@@ -100,7 +98,7 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
                              hint=f"resopt export {model} -o {stem}.onnx, then resopt quantize {stem}.onnx")
     check_outputs(output, cfg, model, given)
     src = open_onnx(model, given)
-    cs = calib_set(cfg, src.classes, src.meta.get("lineage")) if cfg.reads_calib_set else None
+    cs = calib_set(cfg, src.classes, src.meta.get("lineage")) if mode.reads_calib_set(cfg) else None
     evals = EvalImages(cfg.data, src.pre, src.classes, per_class=cfg.limit_per_class, seed=cfg.seed) \
         if cfg.data is not None else None
     # --max-drop chooses which layers stay FP32: on the validation split the model's lineage records, never test.
@@ -108,10 +106,10 @@ def quantize_onnx(model: Path, output: Path, cfg: QuantizeConfig, *, given: Path
                            split="val", lineage=src.meta.get("lineage")) \
         if cfg.data is not None and cfg.max_drop is not None else None
     with tempfile.TemporaryDirectory(prefix="resopt-quantize-") as tmp_name:
-        job = prepare(src, cfg, cs, evals, Path(tmp_name), val_evals)
+        job = prepare(src, cfg, mode, cs, evals, Path(tmp_name), val_evals)
         mode.produce(job)
         job.produced.excluded = tuple(job.produced.reasons)
-        result = verify_and_write(src, output, cfg, cs, evals, job.produced, t0=t0)
+        result = verify_and_write(src, output, cfg, mode, cs, evals, job.produced, t0=t0)
     if cfg.save_calib is not None and cs is not None:
         from resopt.calib import save_calib_set
 

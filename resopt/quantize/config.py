@@ -1,7 +1,8 @@
 """The quantize configuration: the options every mode shares (``QuantizeConfig``) and one options dataclass per
 mode for the options only that mode takes (``KmeansOptions``, ``FixedOptions``, ``QatOptions``; ``NoOptions``
 for a mode without any). Which mode uses which option is listed once, in the mode registry
-(``resopt.quantize.modes.MODES``)."""
+(``resopt.quantize.modes.MODES``), which imports this module; nothing here looks the registry up (the checks that
+need a mode's entry are ``modes.check_config``), so the imports point one way."""
 
 from __future__ import annotations
 
@@ -11,15 +12,23 @@ from typing import TYPE_CHECKING, TypeVar, Union
 
 from resopt.errors import UsageError, choice_error
 from resopt.quantize.ort import CALIB_METHODS, TARGETS
+from resopt.ranges import check_fields
 
 if TYPE_CHECKING:
-    from resopt.quantize.modes import Mode
     from resopt.train import TrainConfig
 
 _O = TypeVar("_O")
 
 DEFAULT_NUM_CALIB = 320
 DEFAULT_QAT_LR = 1e-3
+
+# Options of the shared config that only some modes use: config field -> CLI flag (which modes take them: each
+# ``Mode.shared``). The other shared options (--calib-data, --num-calib, --data, --limit-per-class, --min-agreement,
+# --exclude, --save-calib, --seed) apply to every mode: without --data, every mode is verified on the calibration
+# images.
+SHARED_FIELDS = {"target": "--target", "calib_method": "--calib-method", "per_channel": "--per-tensor",
+                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude",
+                 "ptq": "--ptq"}
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,7 @@ class KmeansOptions:
     clusters: int = 256  # shared values per layer (uint8 indices)
 
     def validate(self, cfg: QuantizeConfig) -> None:
-        if not 2 <= self.clusters <= 256:
-            raise UsageError(f"--clusters must be between 2 and 256 (uint8 indices), got {self.clusters}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -45,10 +53,7 @@ class FixedOptions:
     act_bits: int | None = None  # activation bits (None: activations stay float)
 
     def validate(self, cfg: QuantizeConfig) -> None:
-        if not 2 <= self.bits <= 8:
-            raise UsageError(f"--bits must be between 2 and 8, got {self.bits}")
-        if self.act_bits is not None and not 2 <= self.act_bits <= 8:
-            raise UsageError(f"--act-bits must be between 2 and 8, got {self.act_bits}")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,14 @@ class QatOptions:
     amp: bool = True
     device: str = "auto"
     data_path: str = "auto"  # the fine-tuning's data path (train's --data-path)
+    select: str = "best"  # the epoch kept, as train's --select: best by val top-1, or the last
 
     def validate(self, cfg: QuantizeConfig) -> None:
+        from resopt.data.splits import SELECT
+
+        check_fields(self)  # epochs, lr, batch size
+        if self.select not in SELECT:
+            raise choice_error("--select", self.select, SELECT)
         if cfg.data is None:
             raise UsageError("--mode qat fine-tunes on the --data train split; pass --data",
                              hint="resopt quantize r20.pt --mode qat --epochs 3 --data cifar10 -o r20.qat.onnx")
@@ -81,7 +92,7 @@ class QatOptions:
         from resopt.train import TrainConfig
 
         return TrainConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, warmup_epochs=0.0,
-                           amp=self.amp, seed=seed, device=self.device)
+                           amp=self.amp, seed=seed, device=self.device, select=self.select)
 
 
 ModeOptions = Union[NoOptions, KmeansOptions, FixedOptions, QatOptions, W4a8Options]  # noqa: UP007 - a runtime alias
@@ -109,30 +120,16 @@ class QuantizeConfig:
     ptq: tuple[str, ...] = ()  # post-training steps before quantizing (resopt.quantize.ptq.PTQ_STEPS)
     options: ModeOptions | None = None
 
-    @property
-    def method(self) -> Mode:
-        """The mode's registry entry."""
-        from resopt.quantize.modes import get_mode
-
-        return get_mode(self.mode)
-
-    @property
-    def opts(self) -> ModeOptions:
-        """The mode's own options: ``options``, or the mode's defaults."""
-        return self.options if self.options is not None else self.method.options()
-
     def mode_options(self, cls: type[_O]) -> _O:
-        """The mode's own options, as the class its producer expects."""
-        opts = self.opts
+        """The mode's own options, as the class its producer expects: ``options``, or that class's defaults."""
+        opts = self.options if self.options is not None else cls()
         if not isinstance(opts, cls):
-            raise UsageError(f"--mode {self.mode} takes {self.method.options.__name__}, got {type(opts).__name__}")
+            raise UsageError(f"--mode {self.mode} takes {cls.__name__}, got {type(opts).__name__}")
         return opts
 
     def shared_options_given(self) -> list[str]:
         """The flags of the shared mode-specific options set away from their defaults (for a library caller,
         "given" means "not the default"; the CLI asks click which options the user typed)."""
-        from resopt.quantize.modes import SHARED_FIELDS
-
         defaults = {f.name: f.default for f in fields(QuantizeConfig)}
         return [flag for name, flag in SHARED_FIELDS.items() if getattr(self, name) != defaults[name]]
 
@@ -141,13 +138,6 @@ class QuantizeConfig:
         return [flag for flag, value, default in (("--calib-data", self.calib_data, None),
                                                   ("--num-calib", self.num_calib, DEFAULT_NUM_CALIB))
                 if value != default]
-
-    @property
-    def reads_calib_set(self) -> bool:
-        """Whether the calibration set is read at all: to calibrate, to verify on (no ``--data``), to rank
-        layers for the accuracy guard, or to be saved (``--save-calib``)."""
-        return self.needs_calibration or self.data is None or self.max_drop is not None or \
-            self.save_calib is not None
 
     def weights_reduce_range(self) -> bool:
         """7-bit weights: as asked, else only for ``--target cpu`` on an x86 host without VNNI. A ``trt``
@@ -159,39 +149,22 @@ class QuantizeConfig:
         return self.target == "cpu" and default_reduce_range()
 
     def validate(self) -> None:
-        from resopt.quantize.modes import check_options_apply
-
-        mode = self.method  # an unknown mode fails here, with the list of modes
+        """The checks of the shared options that need no mode's entry; ``modes.check_config`` runs these and the
+        mode's own (which options it takes, its options dataclass)."""
         if self.target not in TARGETS:
             raise choice_error("target", self.target, TARGETS)
         if self.calib_method not in CALIB_METHODS:
             raise choice_error("calibration method", self.calib_method, CALIB_METHODS)
-        check_options_apply(self, self.shared_options_given() + self.calib_options_given())
-        if not isinstance(self.opts, mode.options):
-            raise UsageError(f"--mode {self.mode} takes {mode.options.__name__}, got {type(self.opts).__name__}")
-        if self.num_calib is not None and self.num_calib < 1:
-            raise UsageError(f"--num-calib must be at least 1, got {self.num_calib}")
-        if self.min_agreement is not None and not 0.0 <= self.min_agreement <= 100.0:
-            raise UsageError(f"--min-agreement must be a percentage in [0, 100], got {self.min_agreement}")
+        check_fields(self)  # calibration count, agreement, guard bounds, ... against resopt.ranges
         if self.limit_per_class is not None and self.data is None:
             raise UsageError("--limit-per-class limits the --data test split; pass --data")
         if self.max_drop is not None:
             if self.data is None:
                 raise UsageError("--max-drop measures the top-1 drop on the --data validation split; pass --data",
                                  hint="resopt quantize m.onnx --mode int8 --max-drop 0.5 --data cifar10")
-            if self.max_drop < 0:
-                raise UsageError(f"--max-drop must be >= 0 top-1 points, got {self.max_drop}")
-        if self.max_exclude is not None and (self.max_exclude < 0 or self.max_drop is None):
+        if self.max_exclude is not None and self.max_drop is None:
             raise UsageError("--max-exclude bounds the accuracy guard: a number >= 0, with --max-drop")
         if self.ptq:
             from resopt.quantize.ptq import parse_ptq
 
             parse_ptq(self.ptq)
-        self.opts.validate(self)
-
-    @property
-    def needs_calibration(self) -> bool:
-        return self.method.calibrates(self)
-
-    def agreement_floor(self) -> float:
-        return self.method.min_agreement if self.min_agreement is None else self.min_agreement

@@ -1,6 +1,8 @@
 """The quantize modes, listed once (``MODES``), as the commands and the models are: each mode with its own
 options dataclass, its producer, whether it calibrates, which shared options it takes, and how its result is
-checked. ``quantize_onnx`` and ``verify_and_write`` look a mode up here instead of branching on its name.
+checked. ``quantize_onnx`` looks a mode up here (``check_config``) instead of branching on its name, and hands
+the entry to the shared steps in ``pipeline`` (``prepare``, ``verify_and_write``), which the producers here use:
+the imports point one way, config <- pipeline <- modes <- the package's entry points.
 
 To add a mode: a producer (``Job`` -> writes ``job.produced.path``) or, for a mode that starts from a ``.pt``,
 a ``from_checkpoint`` function; an options dataclass in ``config.py`` (``NoOptions`` if it has none), whose
@@ -19,19 +21,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from resopt.errors import UsageError, choice_error
-from resopt.quantize.config import FixedOptions, KmeansOptions, NoOptions, QatOptions, W4a8Options
+from resopt.quantize.config import (
+    SHARED_FIELDS,
+    FixedOptions,
+    KmeansOptions,
+    ModeOptions,
+    NoOptions,
+    QatOptions,
+    W4a8Options,
+)
 
 if TYPE_CHECKING:
     from resopt.quantize.config import QuantizeConfig
     from resopt.quantize.pipeline import Job, QuantizeResult
     from resopt.quantize.ptq import WeightGrid
 
-# Options of the shared config that only some modes use: config field -> CLI flag. The other shared options
-# (--calib-data, --num-calib, --data, --limit-per-class, --min-agreement, --exclude, --save-calib, --seed) apply
-# to every mode: without --data, every mode is verified on the calibration images.
-SHARED_FIELDS = {"target": "--target", "calib_method": "--calib-method", "per_channel": "--per-tensor",
-                 "reduce_range": "--reduce-range", "max_drop": "--max-drop", "max_exclude": "--max-exclude",
-                 "ptq": "--ptq"}
+__all__ = ["CALIB_FLAGS", "MODES", "SHARED_FIELDS", "Mode", "check_config", "check_options_apply", "get_mode",
+           "lineage_keys", "mode_help", "mode_specific_flags"]
 
 _CALIB_HINT = ("try --calib-method percentile or entropy, more --num-calib, --max-drop with --data, "
                "--exclude the sensitive layers, or lower --min-agreement")
@@ -68,6 +74,11 @@ class Mode:
     qdq_int8: bool = False  # writes INT8 Q/DQ: linted against --target, INT8 layers counted per runtime
     lints: Callable[[QuantizeConfig], bool] = _never  # report the Q/DQ lint
     calibrates_when: str = ""  # when ``calibrates`` depends on an option: which ("with --act-bits")
+    summary: str = ""  # what ``--mode``'s help says of it, in brackets after the name ("static, calibrated, Q/DQ")
+    # The lineage option keys (as ``settings`` and the pipeline record them) that ``info`` shows for a step of this
+    # mode, and the shorter set ``report`` puts in a result's label: what tells this mode's results apart.
+    shown: tuple[str, ...] = ()
+    label: tuple[str, ...] = ()
     # --ptq's weight grids (prepped graph, cfg, reduce_range) -> (every conv's, node -> its own); None: int8's
     ptq_grids: Callable[[Path, QuantizeConfig, bool], tuple[WeightGrid, dict[str, WeightGrid]]] | None = None
 
@@ -76,6 +87,21 @@ class Mode:
 
     def takes(self, flag: str) -> bool:
         return flag in self.shared or flag in self.own_flags()
+
+    def options_of(self, cfg: QuantizeConfig) -> ModeOptions:
+        """``cfg``'s own options for this mode: ``cfg.options``, or this mode's defaults."""
+        opts: ModeOptions = cfg.options if cfg.options is not None else self.options()
+        return opts
+
+    def reads_calib_set(self, cfg: QuantizeConfig) -> bool:
+        """Whether the calibration set is read at all: to calibrate, to verify on (no ``--data``), to rank
+        layers for the accuracy guard, or to be saved (``--save-calib``)."""
+        return self.calibrates(cfg) or cfg.data is None or cfg.max_drop is not None or cfg.save_calib is not None
+
+    def agreement_floor(self, cfg: QuantizeConfig) -> float:
+        """The top-1 agreement (percent) below which ``cfg``'s result is refused: ``--min-agreement``, else this
+        mode's default."""
+        return self.min_agreement if cfg.min_agreement is None else cfg.min_agreement
 
 
 # ------------------------------------------------------------------------------------------ producers
@@ -189,7 +215,7 @@ def _w4a8_grids(prepped: Path, cfg: QuantizeConfig, reduce_range: bool) -> tuple
 def _qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
     from resopt.quantize.qat import quantize_qat
 
-    return quantize_qat(checkpoint, output, cfg)
+    return quantize_qat(checkpoint, output, cfg, MODES["qat"])
 
 
 # 4-bit weights change more predictions than 8-bit ones: a converged ResNet-20 keeps about 90% of its top-1
@@ -204,23 +230,27 @@ _GUARD = ("--max-drop", "--max-exclude")
 # without gating. QAT is gated against its fake-quant PyTorch model, which is what its ONNX must reproduce.
 MODES: dict[str, Mode] = {m.name: m for m in (
     Mode("int8", NoOptions, _INT8_SHARED + _GUARD + ("--ptq",), _always, _int8_settings, 90.0, _CALIB_HINT,
-         produce=_produce_int8, qdq_int8=True, lints=_always),
+         produce=_produce_int8, qdq_int8=True, lints=_always, summary="static, calibrated, Q/DQ",
+         shown=("calib_method", "weights", "activations", "num_calib"), label=("calib_method",)),
     Mode("int8-dynamic", NoOptions, ("--per-tensor", "--reduce-range"), _never, _dynamic_settings, 90.0,
-         _PLAIN_HINT, produce=_produce_dynamic, lints=_always),
-    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16),
+         _PLAIN_HINT, produce=_produce_dynamic, lints=_always, shown=("weights", "activations")),
+    Mode("fp16", NoOptions, (), _never, _fp16_settings, 99.0, _PLAIN_HINT, produce=_produce_fp16,
+         shown=("weights", "activations")),
     Mode("qat", QatOptions, ("--target", "--per-tensor", "--reduce-range"), _always, _int8_settings, 90.0,
-         _CALIB_HINT, from_checkpoint=_qat,
-         qdq_int8=True, lints=_always),
+         _CALIB_HINT, from_checkpoint=_qat, qdq_int8=True, lints=_always,
+         shown=("calib_method", "weights", "activations", "num_calib", "qat_epochs"), label=("qat_epochs",)),
     Mode("kmeans", KmeansOptions, (), _never, _kmeans_settings, 90.0,
          "raise --clusters (more values per layer), --exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_kmeans, exports_pt=True),
+         produce=_produce_kmeans, exports_pt=True, shown=("clusters", "weights"), label=("clusters",)),
     Mode("fixed", FixedOptions, _GUARD, _fixed_calibrates, _fixed_settings, 0.0,
          "raise --bits (or --act-bits), --exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates, calibrates_when="with --act-bits"),
+         produce=_produce_fixed, exports_pt=True, lints=_fixed_calibrates, calibrates_when="with --act-bits",
+         shown=("bits", "weights", "activations"), label=("bits", "calib_method")),
     Mode("w4a8", W4a8Options, ("--calib-method", "--per-tensor", "--reduce-range", "--ptq"), _always, _w4a8_settings,
          W4A8_MIN_AGREEMENT, "add --ptq adaround (learned 4-bit rounding), keep the ends at 8 bits (--int8-ends), "
          "--exclude the sensitive layers, or lower --min-agreement",
-         produce=_produce_w4a8, exports_pt=True, ptq_grids=_w4a8_grids),
+         produce=_produce_w4a8, exports_pt=True, ptq_grids=_w4a8_grids, summary="int4 weights, 8-bit activations",
+         shown=("calib_method", "weights", "activations", "num_calib", "int8_layers"), label=("calib_method",)),
 )}
 
 
@@ -228,6 +258,33 @@ def get_mode(name: str) -> Mode:
     if name not in MODES:
         raise choice_error("mode", name, tuple(MODES))
     return MODES[name]
+
+
+def mode_help() -> str:
+    """``--mode``'s help: every mode with its summary, in registry order."""
+    names = [f"{m.name} ({m.summary})" if m.summary else m.name for m in MODES.values()]
+    return f"{', '.join(names[:-1])} or {names[-1]}."
+
+
+def lineage_keys(which: str) -> tuple[str, ...]:
+    """The lineage option keys of a quantize step worth showing: ``mode`` and then every mode's ``shown``
+    (``which="shown"``: the ``info`` lineage table) or ``label`` (``"label"``: ``report``'s labels) keys, merged
+    in registry order so that each mode's keys keep that mode's own order (a key new to the list goes before the
+    first of its mode's later keys already there): a step reads ``bits=4 calib_method=minmax`` as its mode lists
+    them. ``info`` and ``report`` sit below ``quantize`` in the layer order and cannot import this, so they hold
+    the result as a literal that ``tests/test_quantize_options.py`` keeps equal to it."""
+    keys: list[str] = ["mode"]
+    for m in MODES.values():
+        own: tuple[str, ...] = getattr(m, which)
+        for i, key in enumerate(own):
+            if key in keys:
+                continue
+            later = [keys.index(k) for k in own[i + 1:] if k in keys]
+            if later:
+                keys.insert(min(later), key)
+            else:
+                keys.append(key)
+    return tuple(keys)
 
 
 def mode_specific_flags() -> dict[str, list[str]]:
@@ -239,7 +296,7 @@ def mode_specific_flags() -> dict[str, list[str]]:
     return users
 
 
-# The calibration set's own options: they matter wherever the set is read (``QuantizeConfig.reads_calib_set``).
+# The calibration set's own options: they matter wherever the set is read (``Mode.reads_calib_set``).
 CALIB_FLAGS = ("--calib-data", "--num-calib")
 
 
@@ -255,9 +312,24 @@ def check_options_apply(cfg: QuantizeConfig, given: Iterable[str]) -> None:
             raise UsageError(f"{flag} does not apply to --mode {cfg.mode}; it is an option of --mode "
                              f"{', '.join(takers)}",
                              hint=f"drop {flag}, or choose --mode {takers[0]}")
-        if flag in CALIB_FLAGS and not cfg.reads_calib_set:
+        if flag in CALIB_FLAGS and not entry.reads_calib_set(cfg):
             takers = [f"{m.name} {m.calibrates_when}".strip() for m in MODES.values() if m.calibrates is not _never]
             raise UsageError(f"{flag} has no effect: --mode {cfg.mode} does not calibrate, and with --data it is "
                              f"verified on the --data test split; it is an option of --mode {', '.join(takers)} "
                              f"(and of every mode without --data)",
                              hint=f"drop {flag}, or drop --data to verify on the calibration images")
+
+
+def check_config(cfg: QuantizeConfig) -> Mode:
+    """Every check of ``cfg`` before any file is read, and its mode's entry: an unknown mode (with the list of
+    modes), the shared options (``QuantizeConfig.validate``), a shared option set away from its default that the
+    mode does not use, options of another mode's dataclass, and the mode's own (its dataclass's ``validate``).
+    The library's entry points run it; the CLI also runs ``check_options_apply`` on the flags typed."""
+    entry = get_mode(cfg.mode)
+    cfg.validate()
+    check_options_apply(cfg, cfg.shared_options_given() + cfg.calib_options_given())
+    opts = entry.options_of(cfg)
+    if not isinstance(opts, entry.options):
+        raise UsageError(f"--mode {cfg.mode} takes {entry.options.__name__}, got {type(opts).__name__}")
+    opts.validate(cfg)
+    return entry

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from resopt.artifacts import (
     check_output_path,
@@ -31,6 +31,29 @@ if TYPE_CHECKING:
     from resopt.quantize.config import QuantizeConfig
     from resopt.quantize.lint import QdqLint
     from resopt.quantize.ort import Ranges
+    from resopt.quantize.ptq import WeightGrid
+
+
+class ModeEntry(Protocol):
+    """What the shared steps read of a mode's registry entry (``resopt.quantize.modes.Mode``). The entry is
+    handed in by the caller, never looked up here: ``modes`` imports this module for its producers, so the
+    imports point one way."""
+
+    @property
+    def settings(self) -> Callable[[QuantizeConfig, bool], dict[str, Any]]: ...
+    @property
+    def calibrates(self) -> Callable[[QuantizeConfig], bool]: ...
+    @property
+    def lints(self) -> Callable[[QuantizeConfig], bool]: ...
+    @property
+    def qdq_int8(self) -> bool: ...
+    @property
+    def agreement_hint(self) -> str: ...
+    @property
+    def ptq_grids(self) -> Callable[[Path, QuantizeConfig, bool],
+                                    tuple[WeightGrid, dict[str, WeightGrid]]] | None: ...
+    def takes(self, flag: str) -> bool: ...
+    def agreement_floor(self, cfg: QuantizeConfig) -> float: ...
 
 
 @dataclass(frozen=True)
@@ -253,13 +276,12 @@ class Job:
     val_evals: EvalImages | None = None  # what --max-drop decides on
 
 
-def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalImages | None, tmp: Path,
-            val_evals: EvalImages | None = None) -> Job:
+def prepare(src: Source, cfg: QuantizeConfig, mode: ModeEntry, cs: CalibSet | None, evals: EvalImages | None,
+            tmp: Path, val_evals: EvalImages | None = None) -> Job:
     """The steps before any mode's own work: onnxruntime's pre-processing, the ``--exclude`` check, and, for a
     mode that calibrates, the activation ranges (``--calib-method`` where the mode takes it, else minmax)."""
     from resopt.quantize import ort as q
 
-    mode = cfg.method
     reduce_range = cfg.weights_reduce_range()
     prepped, out = tmp / "prepped.onnx", tmp / "quantized.onnx"
     q.preprocess_model(src.onnx, prepped)
@@ -267,7 +289,7 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
     produced = Produced(out, mode.settings(cfg, reduce_range), reasons=dict.fromkeys(cfg.exclude, "--exclude"))
     ranges = None
     if cfg.ptq:  # before calibration: CLE changes the activation ranges
-        prepped = _run_ptq(prepped, src, cfg, cs, reduce_range, produced)
+        prepped = _run_ptq(prepped, src, cfg, mode, cs, reduce_range, produced)
     if cs is not None and mode.calibrates(cfg):
         ranges = q.calibrate(prepped, cs, src.pre, method=cfg.calib_method if mode.takes("--calib-method") else
                              "minmax", symmetric=cfg.target == "trt", workdir=tmp)
@@ -276,8 +298,8 @@ def prepare(src: Source, cfg: QuantizeConfig, cs: CalibSet | None, evals: EvalIm
     return Job(src, cfg, cs, evals, tmp, prepped, ranges, reduce_range, produced, val_evals)
 
 
-def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, cs: CalibSet | None, reduce_range: bool,
-             produced: Produced) -> Path:
+def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, mode: ModeEntry, cs: CalibSet | None,
+             reduce_range: bool, produced: Produced) -> Path:
     """``--ptq``: the float graph rewritten for onnxruntime's weight grid (``resopt.quantize.ptq``): int8's, or
     the mode's own (``Mode.ptq_grids``: w4a8's int4 grid)."""
     import numpy as np
@@ -290,7 +312,7 @@ def _run_ptq(prepped: Path, src: Source, cfg: QuantizeConfig, cs: CalibSet | Non
         assert cs is not None
         images = np.concatenate([x for x, _ in calib_batches(cs, src.pre, batch_size=32, limit=PTQ_IMAGES)])
     out = prepped.with_name("ptq.onnx")
-    grid, layer_grids = cfg.method.ptq_grids(prepped, cfg, reduce_range) if cfg.method.ptq_grids is not None \
+    grid, layer_grids = mode.ptq_grids(prepped, cfg, reduce_range) if mode.ptq_grids is not None \
         else (WeightGrid(64 if reduce_range else 127, cfg.per_channel), {})
     record = apply_ptq(prepped, out, cfg.ptq, grid, images, seed=cfg.seed, layer_grids=layer_grids)
     produced.options["ptq"] = record
@@ -334,7 +356,7 @@ def guard(produced: Produced, build: Any, src: Source, prepped: Path, cfg: Quant
     produced.extra["guard"] = g.summary()
 
 
-def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSet | None,
+def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, mode: ModeEntry, cs: CalibSet | None,
                       evals: EvalImages | None, produced: Produced, *, t0: float,
                       lineage_parent: Path | None = None) -> QuantizeResult:
     import onnx
@@ -342,7 +364,6 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
     from resopt.calib import calib_batch_size, calib_batches
     from resopt.quantize.lint import lint_qdq
 
-    mode = cfg.method
 
     if evals is not None:
         batches: Batches = evals()
@@ -370,7 +391,7 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
     cmp = compare(reference, onnx_predict(produced.path), batches, total=total, description=f"verify on {on} images",
                   source=where)
     cmp.check(what=f"the {cfg.mode} result", against=f"its {produced.reference_name}",
-              min_agreement=cfg.agreement_floor(), hint=mode.agreement_hint)
+              min_agreement=mode.agreement_floor(cfg), hint=mode.agreement_hint)
 
     lint: QdqLint | None = None
     if mode.lints(cfg):
@@ -402,14 +423,14 @@ def verify_and_write(src: Source, output: Path, cfg: QuantizeConfig, cs: CalibSe
         metrics["int8_mac_fraction"] = round(lint.int8_mac_fraction, 4)
     # The gate it passed: --min-agreement is part of what made the file (and is then not silently ignored).
     options = {"mode": cfg.mode, **produced.settings, "exclude": list(cfg.exclude), **produced.options,
-               "min_agreement": cfg.agreement_floor()}
+               "min_agreement": mode.agreement_floor(cfg)}
     write_quantized(produced.path, output, src.meta, parent=lineage_parent or src.given, options=options,
                     metrics=metrics, quantization={"mode": cfg.mode, **produced.settings})
     result_score = ModelScore(str(output), output.stat().st_size, *((cmp.top1, cmp.top5) if labelled else (None, None)))
     return QuantizeResult(output=output, mode=cfg.mode, settings=produced.settings, parent=parent_score,
                           result=result_score, agreement=cmp.top1_agreement, agreement_images=cmp.images,
                           agreement_on=on,
-                          calib=cs.describe() if cs is not None and cfg.needs_calibration else None,
+                          calib=cs.describe() if cs is not None and mode.calibrates(cfg) else None,
                           excluded=produced.excluded, lint=lint.summary() if lint is not None else None,
                           seconds=time.perf_counter() - t0,
                           extra={**produced.extra, "agreement_with": produced.reference_name, **runtime_int8})

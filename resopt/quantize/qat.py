@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from torch import fx, nn
 
     from resopt.quantize.config import QuantizeConfig
-    from resopt.quantize.pipeline import QuantizeResult
+    from resopt.quantize.pipeline import ModeEntry, QuantizeResult
 
 
 def _fake_quant_classes() -> tuple[type, type, type, type]:
@@ -318,7 +318,7 @@ def torch_infer(qm: QatModel) -> Any:
     return infer
 
 
-def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> QuantizeResult:
+def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig, mode: ModeEntry) -> QuantizeResult:
     """``--mode qat``: PTQ baseline, fake-quant fine-tuning, export, ORT Q/DQ; reports top-1 of FP32, PTQ,
     the fake-quant PyTorch model and the deployed QAT ONNX. The ONNX is verified against the fake-quant
     model it must reproduce."""
@@ -403,14 +403,14 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
         save_checkpoint(tuned, tmp / "qat.pt", commit=False)
         qat_int8 = int8_of(export_fp32(tmp / "qat.pt", tmp / "qat.fp32.onnx", cfg), "qat")
 
-        produced = Produced(qat_int8, {**cfg.method.settings(cfg, reduce_range), "qat_epochs": train_cfg.epochs},
+        produced = Produced(qat_int8, {**mode.settings(cfg, reduce_range), "qat_epochs": train_cfg.epochs},
                                reasons=dict.fromkeys(cfg.exclude, "--exclude"),
                                reference=fq, reference_name="fake-quant PyTorch model", parent_acc=fp32_acc)
         produced.options.update({"num_calib": len(cs), "calib_sha256": cs.sha256, "calib_source": cs.source,
                                  "seed": cfg.seed, "calib_preprocess": pre.to_dict(),
                                  "train": {k: getattr(train_cfg, k) for k in ("epochs", "batch_size", "lr",
                                                                              "optimizer", "weight_decay", "amp",
-                                                                             "seed", "device")},
+                                                                             "seed", "device", "select")},
                                  "data_path": fitted.data_path})
         produced.metrics.update({"top1_fp32": fp32_acc[0], "top1_ptq": round(top1_ptq, 3),
                                  "top1_qat_fakequant": round(fq_top1, 3)})
@@ -419,7 +419,7 @@ def quantize_qat(checkpoint: Path, output: Path, cfg: QuantizeConfig) -> Quantiz
                                  "best_epoch": fitted.best_epoch, "train_seconds": round(fitted.seconds, 1),
                                  "data_path": fitted.data_path}
         produced.excluded = cfg.exclude
-        result = verify_and_write(src, output, cfg, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
+        result = verify_and_write(src, output, cfg, mode, cs, evals, produced, t0=t0, lineage_parent=checkpoint)
     if cfg.save_calib is not None:
         save_calib_set(cs, cfg.save_calib)
         log(f"saved the calibration set to {cfg.save_calib}")

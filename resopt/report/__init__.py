@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from resopt.errors import UsageError, choice_error
+from resopt.ranges import check_fields
 from resopt.report.pareto import pareto_front
 from resopt.report.records import Record, compare_to_root, gather_inputs, join_records, link_records, read_record
 
@@ -39,8 +40,7 @@ class ReportConfig:
     def validate(self) -> None:
         if self.metric not in METRICS:
             raise choice_error("--metric", self.metric, METRICS)
-        if self.batch_size is not None and self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_fields(self)  # --batch-size against resopt.ranges
 
 
 @dataclass

@@ -53,8 +53,24 @@ if TYPE_CHECKING:
 __all__ = [
     "OPTIMIZERS", "DataOptions", "FitResult", "Hook", "LossFn", "PreparedData", "TrainConfig", "TrainResult",
     "evaluate", "fit", "measure_test", "prepare_data", "resume_path_for", "seed_everything", "split_metrics",
-    "train_model",
+    "train_model", "training_data",
 ]
+
+
+def training_data(data: str | None, *, recorded_in: Path | None = None, needs: str, hint: str) -> str:
+    """The data a command that trains reads: ``--data`` when given; else, for a command that starts from a
+    checkpoint (prune, distill: ``recorded_in``), the data its lineage records, when it is still here; else a
+    ``UsageError`` (exit 2) that the command ``needs`` --data. No shipped-set fallback: fine-tuning and measuring
+    on the 320 calibration images would report top-1 on the training images."""
+    from resopt.errors import UsageError
+
+    if data is None and recorded_in is not None:
+        from resopt.calib import data_from_checkpoint
+
+        data = data_from_checkpoint(recorded_in)
+    if data is None:
+        raise UsageError(needs, hint=hint)
+    return data
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from resopt.console import log, progress
 from resopt.data.splits import SELECT
 from resopt.errors import InputFileError, UsageError, choice_error
 from resopt.metrics import TopK
+from resopt.ranges import check_fields
 
 if TYPE_CHECKING:
     import torch
@@ -53,22 +54,11 @@ class TrainConfig:
     select: str = "best"  # the epoch kept: best by val top-1, or the last (too little data to choose on)
 
     def validate(self) -> None:
-        if self.epochs < 1:
-            raise UsageError(f"--epochs must be at least 1, got {self.epochs}")
-        if self.batch_size < 1:
-            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        check_fields(self)  # epochs, batch size, lr, ... against resopt.ranges
         if self.optimizer not in OPTIMIZERS:
             raise choice_error("optimizer", self.optimizer, OPTIMIZERS)
-        if self.lr is not None and not self.lr > 0:
-            raise UsageError(f"--lr must be positive, got {self.lr}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise UsageError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        if self.warmup_epochs < 0:
-            raise UsageError(f"--warmup-epochs must be >= 0, got {self.warmup_epochs}")
         if self.select not in SELECT:
             raise choice_error("--select", self.select, SELECT)
-        if self.time_budget is not None and not 0 < self.time_budget < math.inf:
-            raise UsageError(f"--time-budget must be a positive number of seconds, got {self.time_budget}")
 
     def base_lr(self) -> float:
         if self.lr is not None:
