@@ -185,9 +185,12 @@ def _round_to(text: str | None) -> int | str | None:
     if text.strip().lower() == "auto":
         return "auto"
     try:
-        return int(text)
+        value = int(text)
     except ValueError:
         raise UsageError(f"--round-to {text!r} is neither a whole number nor auto", hint="e.g. --round-to 8") from None
+    if value < 1:  # before any file is read, as the range table checks the other numbers
+        raise UsageError(f"--round-to must be at least 1, got {value}", hint="e.g. --round-to 8, or auto")
+    return value
 
 
 def _analyze_round_to(text: str | None) -> int | None:
